@@ -1,0 +1,356 @@
+"""DiffusionGemma's text model in MLX.
+
+One set of weights runs two ways:
+
+* :meth:`Model.encode` — the causal pass. Writes the prompt (and later each committed block) into a
+  :class:`~dgemma_mlx.cache.PrefixCache`, using the encoder's ``layer_scalar`` set.
+* :meth:`Model.denoise` — the bidirectional pass over a canvas placed right after the cached tokens.
+  Every canvas token attends to the whole canvas and to the cache (full layers: all of it; sliding
+  layers: its last ``window - 1`` tokens). Reads the cache without writing it and uses the
+  decoder's ``layer_scalar`` set. Returns float32 soft-capped logits.
+
+Layer: ``r = x + post_attn_norm(attn(input_norm(x)))``; then
+``(r + post_ff_norm(post_ff_norm_1(mlp(pre_ff_norm(r))) + post_ff_norm_2(experts(pre_ff_norm_2(r)))))``
+times ``layer_scalar``. The router reads ``r``. Attention uses scale 1.0 with RMS-normed q/k
+(and a scale-free RMS norm on v); full layers have no v_proj (values come from k_proj).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.rope_utils import initialize_rope
+
+from .cache import FullAttentionCache, PrefixCache, SlidingWindowCache
+from .config import FULL, SLIDING, ModelArgs
+from .experts import Experts
+
+
+def rms_norm_noscale(x: mx.array, eps: float) -> mx.array:
+    return mx.fast.rms_norm(x, None, eps)
+
+
+@mx.compile
+def geglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.gelu_approx(gate) * up
+
+
+class MLP(nn.Module):
+    """Gated GELU (tanh) MLP: ``down(gelu(gate(x)) * up(x))``."""
+
+    def __init__(self, dims: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden, bias=False)
+        self.up_proj = nn.Linear(dims, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dims, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Router(nn.Module):
+    """Top-k expert routing: scale-free RMS norm, times ``scale * H**-0.5``, linear, softmax over
+    all experts, top-k, renormalise, times ``per_expert_scale``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.eps = args.rms_norm_eps
+        self.top_k = args.top_k_experts
+        self.root_size = args.hidden_size**-0.5
+        self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """``x``: [N, H]. Returns expert ids [N, k] (uint32) and weights [N, k] (float32)."""
+        h = rms_norm_noscale(x, self.eps) * self.scale * self.root_size
+        probs = mx.softmax(self.proj(h).astype(mx.float32), axis=-1)
+        k = self.top_k
+        idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+        w = mx.take_along_axis(probs, idx, axis=-1)
+        w = w / w.sum(axis=-1, keepdims=True)
+        w = w * self.per_expert_scale[idx].astype(mx.float32)
+        return mx.stop_gradient(idx.astype(mx.uint32)), w
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.is_sliding = args.layer_types[layer] == SLIDING
+        self.window = args.sliding_window
+        self.n_heads = args.num_attention_heads
+        self.n_kv = args.layer_kv_heads[layer]
+        self.head_dim = args.layer_head_dims[layer]
+        dims, hd = args.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(dims, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(dims, self.n_kv * hd, bias=False)
+        if self.is_sliding:
+            self.v_proj = nn.Linear(dims, self.n_kv * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, dims, bias=False)
+        self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.eps = args.rms_norm_eps
+        rope = args.rope_parameters[args.layer_types[layer]]
+        self.rope = initialize_rope(
+            dims=hd,
+            base=rope.get("rope_theta", 10_000.0),
+            traditional=False,
+            scaling_config=rope,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def _qkv(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array, mx.array]:
+        """[B, L, H] -> q [B, heads, L, D], k and v [B, kv_heads, L, D] (RoPE at ``offset``)."""
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
+        k_raw = self.k_proj(x).reshape(B, L, self.n_kv, self.head_dim)
+        v_raw = self.v_proj(x).reshape(B, L, self.n_kv, self.head_dim) if self.is_sliding else k_raw
+        k = self.k_norm(k_raw)
+        v = rms_norm_noscale(v_raw, self.eps)
+        q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
+        k = self.rope(k.transpose(0, 2, 1, 3), offset=offset)
+        return q, k, v.transpose(0, 2, 1, 3)
+
+    def _out(self, o: mx.array) -> mx.array:
+        B, _, L, _ = o.shape
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def encode(self, x: mx.array, cache, offset: int) -> mx.array:
+        """Causal attention of ``x`` over the cached prefix and itself; appends to ``cache``."""
+        L = x.shape[1]
+        q, k, v = self._qkv(x, offset)
+        if isinstance(cache, SlidingWindowCache):
+            kept = cache.kept
+            keys, values = cache.append(k, v)
+            mask = create_causal_mask(L, offset=kept, window_size=self.window)
+        else:
+            keys, values = cache.append(k, v)
+            mask = "causal" if L > 1 else None
+        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+        return self._out(o)
+
+    def denoise(self, x: mx.array, cache, offset: int) -> mx.array:
+        """Bidirectional attention of the canvas over the cached prefix and the whole canvas.
+
+        The prefix is read in place (no concatenation with the canvas keys): scores against the
+        prefix and against the canvas are combined with one shared softmax normaliser.
+        """
+        q, k, v = self._qkv(x, offset)
+        prefix = cache.prefix() if cache is not None else None
+        if prefix is None:
+            return self._out(mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0))
+        pk, pv = prefix
+        B, H, C, D = q.shape
+        qg = q.reshape(B, self.n_kv, (H // self.n_kv) * C, D)
+        s_prefix = (qg @ pk.swapaxes(-1, -2)).astype(mx.float32)
+        s_canvas = (qg @ k.swapaxes(-1, -2)).astype(mx.float32)
+        o = _merge_softmax(s_prefix, s_canvas, pv, v)
+        return self._out(o.reshape(B, H, C, -1))
+
+
+def _merge_softmax(s1: mx.array, s2: mx.array, v1: mx.array, v2: mx.array) -> mx.array:
+    """``softmax([s1, s2]) @ [v1; v2]`` without concatenating either pair."""
+    m = mx.maximum(s1.max(axis=-1, keepdims=True), s2.max(axis=-1, keepdims=True))
+    e1 = mx.exp(s1 - m)
+    e2 = mx.exp(s2 - m)
+    denom = e1.sum(axis=-1, keepdims=True) + e2.sum(axis=-1, keepdims=True)
+    dt = v1.dtype
+    o = e1.astype(dt) @ v1 + e2.astype(dt) @ v2
+    return (o.astype(mx.float32) / denom).astype(dt)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        H, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(H, args.intermediate_size)
+        self.router = Router(args)
+        self.experts = Experts(H, args.moe_intermediate_size, args.num_experts)
+        self.input_layernorm = nn.RMSNorm(H, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(H, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(H, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(H, eps=eps)
+        self.post_feedforward_layernorm_1 = nn.RMSNorm(H, eps=eps)
+        self.pre_feedforward_layernorm_2 = nn.RMSNorm(H, eps=eps)
+        self.post_feedforward_layernorm_2 = nn.RMSNorm(H, eps=eps)
+        self.layer_scalar = mx.ones((1,))  # decoder (denoise) scalar
+        self.encoder_layer_scalar = mx.ones((1,))  # encoder (encode) scalar
+
+    def __call__(self, x: mx.array, cache, offset: int, encode: bool) -> mx.array:
+        attn = self.self_attn.encode if encode else self.self_attn.denoise
+        h = attn(self.input_layernorm(x), cache, offset)
+        r = x + self.post_attention_layernorm(h)
+
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
+        flat = r.reshape(-1, r.shape[-1])
+        idx, w = self.router(flat)
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), idx, w).reshape(r.shape)
+        moe = self.post_feedforward_layernorm_2(moe)
+        out = r + self.post_feedforward_layernorm(dense + moe)
+        return out * (self.encoder_layer_scalar if encode else self.layer_scalar)
+
+
+class SelfConditioning(nn.Module):
+    """Mixes the previous step's soft prediction into the canvas embedding:
+    ``rms_norm_noscale(embed + down(gelu(gate(n)) * up(n)))`` with ``n = pre_norm(soft)``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.eps = args.rms_norm_eps
+        self.pre_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, embeds: mx.array, soft: Optional[mx.array]) -> mx.array:
+        if soft is not None:
+            n = self.pre_norm(soft)
+            embeds = embeds + self.down_proj(geglu(self.gate_proj(n), self.up_proj(n)))
+        # With no soft input the MLP's output is exactly zero (gelu(0) = 0), so it is skipped.
+        return rms_norm_noscale(embeds, self.eps)
+
+
+class Model(nn.Module):
+    """The DiffusionGemma text model. Weights are shared by :meth:`encode` and :meth:`denoise`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(args)
+        self.encode_chunk_size = 512
+
+    # ----------------------------------------------------------------------------------- cache
+    def make_cache(self) -> PrefixCache:
+        return PrefixCache(
+            [
+                FullAttentionCache() if t == FULL else SlidingWindowCache(self.args.sliding_window)
+                for t in self.args.layer_types
+            ]
+        )
+
+    # ------------------------------------------------------------------------------ embeddings
+    @property
+    def dtype(self) -> mx.Dtype:
+        e = self.embed_tokens
+        return e.scales.dtype if isinstance(e, nn.QuantizedEmbedding) else e.weight.dtype
+
+    def _embed(self, ids: mx.array) -> mx.array:
+        h = self.embed_tokens(ids)
+        return h * mx.array(self.args.embed_scale, dtype=h.dtype)
+
+    def soft_embedding(self, probs: mx.array) -> mx.array:
+        """``probs @ E * sqrt(H)`` for a distribution over the vocabulary ([..., V] -> [..., H]).
+
+        Works on a quantized embedding too (one quantized matmul, no dequantized copy of E)."""
+        e = self.embed_tokens
+        dt = self.dtype
+        p = probs.astype(dt)
+        if isinstance(e, nn.QuantizedEmbedding):
+            soft = mx.quantized_matmul(
+                p, e.weight, e.scales, e.get("biases"), transpose=False,
+                group_size=e.group_size, bits=e.bits, mode=e.mode,
+            )
+        else:
+            soft = p @ e.weight
+        return soft * mx.array(self.args.embed_scale, dtype=dt)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """Final norm, tied head, float32, soft cap."""
+        out = self.embed_tokens.as_linear(self.norm(h)).astype(mx.float32)
+        cap = self.args.final_logit_softcapping
+        if cap:
+            out = mx.tanh(out / cap) * cap
+        return out
+
+    # ---------------------------------------------------------------------------------- passes
+    def encode(self, ids: mx.array, cache: PrefixCache, chunk_size: Optional[int] = None) -> None:
+        """Causal pass over ``ids`` (int [B, L]) that appends their keys/values to ``cache``.
+
+        Long inputs are processed in chunks of ``chunk_size`` tokens (default
+        ``self.encode_chunk_size``); the result is the same as one pass.
+        """
+        if ids.ndim == 1:
+            ids = ids[None]
+        step = chunk_size or self.encode_chunk_size
+        for start in range(0, ids.shape[1], step):
+            chunk = ids[:, start : start + step]
+            h = self._embed(chunk)
+            offset = cache.offset
+            for layer, c in zip(self.layers, cache.layers):
+                h = layer(h, c, offset, encode=True)
+            cache.advance(chunk.shape[1])
+            mx.eval(cache.arrays())
+
+    def denoise(
+        self,
+        canvas: mx.array,
+        cache: PrefixCache,
+        self_conditioning_logits: Optional[mx.array] = None,
+        *,
+        self_conditioning_probs: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Logits (float32 [B, C, V], soft-capped) for ``canvas`` (int [B, C]) placed after the cache.
+
+        ``self_conditioning_logits`` are the previous step's temperature-scaled logits [B, C, V]
+        (None on a canvas's first step). ``self_conditioning_probs`` may be given instead: their
+        softmax, when the caller already has it. The cache is not modified.
+        """
+        if canvas.ndim == 1:
+            canvas = canvas[None]
+        h = self._embed(canvas)
+        soft = None
+        if self_conditioning_probs is None and self_conditioning_logits is not None:
+            sc = self_conditioning_logits.astype(self.dtype).astype(mx.float32)
+            self_conditioning_probs = mx.softmax(sc, axis=-1)
+        if self_conditioning_probs is not None:
+            soft = self.soft_embedding(self_conditioning_probs)
+        h = self.self_conditioning(h, soft)
+        offset = cache.offset
+        for layer, c in zip(self.layers, cache.layers):
+            h = layer(h, c, offset, encode=False)
+        return self.logits(h)
+
+    # -------------------------------------------------------------------------------- weights
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map checkpoint names (transformers, mlx-vlm, or ours) onto this module tree.
+
+        Vision weights and the tied ``lm_head`` are dropped; the encoder's own layer scalars
+        become ``layers.N.encoder_layer_scalar``; fused expert tensors get a ``.weight`` suffix.
+        """
+        out = {}
+        for key, value in weights.items():
+            if "vision_tower" in key or "embed_vision" in key or "rotary_emb" in key:
+                continue
+            if key.endswith("lm_head.weight") or key.startswith("lm_head."):
+                continue
+            if ".encoder.language_model." in key or key.startswith("encoder.language_model."):
+                if key.endswith(".layer_scalar"):
+                    layer = key.split(".layers.")[1].split(".")[0]
+                    out[f"layers.{layer}.encoder_layer_scalar"] = value
+                continue  # the encoder's text weights are tied to the decoder's
+            if "decoder." in key:
+                key = key.split("decoder.", 1)[1]
+            if key.endswith(".experts.gate_up_proj") or key.endswith(".experts.down_proj"):
+                key += ".weight"
+            out[key] = value
+        return out
+
+    def quant_predicate(self, expert_bits: int, group_size: int, mode: str = "affine"):
+        """The default recipe: experts at ``expert_bits``; everything else at 8 bits."""
+
+        def predicate(path: str, module: nn.Module):
+            if not hasattr(module, "to_quantized"):
+                return False
+            if module.weight.shape[-1] % group_size:
+                return False
+            bits = expert_bits if ".experts." in path else 8
+            return {"group_size": group_size, "bits": bits, "mode": mode}
+
+        return predicate
