@@ -259,3 +259,17 @@ def build_reference(path: Path, spec: TinySpec = TinySpec(), seed: int = 0, conf
     """Make, save and return ``(torch_model, checkpoint_dir)``."""
     model = make_reference_model(spec, seed)
     return model, save_reference(model, path, config_form=config_form)
+
+
+def install_in_hf_cache(src: Path, cache_dir: Path, repo_id: str, revision: str = "0" * 40) -> Path:
+    """Lay ``src``'s files out as huggingface_hub's cache does for ``repo_id`` (refs/main ->
+    snapshots/<revision>/...), so ``snapshot_download`` finds them offline."""
+    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        if f.is_file():
+            shutil.copy2(f, snapshot / f.name)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+    return snapshot
