@@ -108,17 +108,19 @@ class EndEvent:
     """The end of a generation.
 
     Attributes:
-        text: the full generated text (everything before the first EOS).
-        tokens: the full list of generated token ids (before the first EOS).
+        text: the answer: the generated text before the first EOS, without the thought channel.
+        tokens: the full list of generated token ids (before the first EOS), thought included.
         finish_reason: ``"eos"`` (an EOS token was committed), ``"length"`` (max_new_tokens reached)
             or ``"cancelled"`` (the consumer stopped the stream).
         stats: measurements of the run.
+        thought: the text of the thought channel (empty when thinking was off).
     """
 
     text: str
     tokens: list[int]
     finish_reason: Literal["eos", "length", "cancelled"]
     stats: GenerationStats = field(default_factory=GenerationStats)
+    thought: str = ""
     type: Literal["end"] = "end"
 
 
