@@ -172,6 +172,36 @@ def generate(
 
 @app.command()
 @user_errors
+def chat(
+    model: Optional[str] = ModelOpt,
+    max_new_tokens: Optional[int] = MaxNewTokens,
+    steps: Optional[int] = Steps,
+    entropy_bound: Optional[float] = EntropyBound,
+    t_min: Optional[float] = TMin,
+    t_max: Optional[float] = TMax,
+    seed: Optional[int] = Seed,
+    system: Optional[str] = System,
+    think: bool = Think,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Report cache reuse and rewinds every turn."),
+):
+    """Chat in a multi-turn REPL that keeps the prefix cache across turns (/help lists commands)."""
+    from .chat import ChatSession, run_repl
+    from .generate import default_settings
+
+    overrides = sampling_overrides(
+        max_new_tokens=max_new_tokens, steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, seed=seed
+    )
+    check_overrides(overrides)
+    name = model or default_model()
+    mdl, tok = load_with_status(name)
+    session = ChatSession(
+        mdl, tok, system=system, think=think, settings=default_settings(mdl).update(**overrides), verbose=verbose
+    )
+    run_repl(session, Console(highlight=False))
+
+
+@app.command()
+@user_errors
 def convert(
     hf_path: str = typer.Option(..., "--hf-path", help="Original checkpoint: local directory or repo id."),
     mlx_path: str = typer.Option(..., "--mlx-path", help="Output directory."),
