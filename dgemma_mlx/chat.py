@@ -773,6 +773,14 @@ class ChatRepl:
     def error(self, message: Any) -> None:
         self.say(f"error: {' '.join(str(message).split())}", style="red")
 
+    def note(self, text: str) -> None:
+        """Measurements: dim on a terminal; on stderr when the output is piped (stdout keeps
+        only the conversation)."""
+        if self.console.is_terminal:
+            self.say(text, style="dim")
+        else:
+            print(text, file=sys.stderr)
+
     # -- input -----------------------------------------------------------------------------------
 
     def _reader(self) -> Callable[[str], str]:
@@ -950,12 +958,11 @@ class ChatRepl:
             return None
         turn = s.stats.per_turn[-1]
         g = end.stats
-        self.say(
+        self.note(
             f"{g.generated_tokens} tokens · {_plural(g.blocks, 'block')} · {_plural(g.steps, 'pass', 'passes')}"
             f" · {g.generation_tps:.1f} tok/s"
             f" · encoded {turn.encoded} new of {turn.prompt_tokens} conversation tokens"
-            f" · cache {s.cache.offset}/{s.context}",
-            style="dim",
+            f" · cache {s.cache.offset}/{s.context}"
         )
         return None
 

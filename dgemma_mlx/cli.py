@@ -66,16 +66,16 @@ def load_with_status(model: str, quiet: bool = False):
 
 
 # Shared sampling options (generate and chat).
-MaxNewTokens = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate at most [checkpoint: 256].")
-Steps = typer.Option(None, "--steps", help="Maximum denoising passes per block [checkpoint: 48].")
-EntropyBound = typer.Option(None, "--entropy-bound", help="Entropy budget of accepted positions per pass [0.1].")
-TMin = typer.Option(None, "--t-min", help="Temperature of the last pass [0.4].")
-TMax = typer.Option(None, "--t-max", help="Temperature of the first pass [0.8].")
+MaxNewTokens = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate at most (default: the checkpoint's, 256).")
+Steps = typer.Option(None, "--steps", help="Maximum denoising passes per block (default: the checkpoint's, 48).")
+EntropyBound = typer.Option(None, "--entropy-bound", help="Entropy budget of the positions accepted per pass (default 0.1).")
+TMin = typer.Option(None, "--t-min", help="Temperature of the last pass (default 0.4).")
+TMax = typer.Option(None, "--t-max", help="Temperature of the first pass (default 0.8).")
 Seed = typer.Option(None, "--seed", help="Random seed, for reproducible runs.")
 System = typer.Option(None, "--system", help="System prompt.")
 Think = typer.Option(False, "--think/--no-think", help="Let the model think before answering.")
 ModelOpt = typer.Option(
-    None, "--model", "-m", help=f"Local directory or Hugging Face repo id [env DGEMMA_MODEL, else {DEFAULT_MODEL}]."
+    None, "--model", "-m", help=f"Local directory or Hugging Face repo id (default: $DGEMMA_MODEL, else {DEFAULT_MODEL})."
 )
 
 
@@ -208,7 +208,7 @@ def convert(
     quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize (experts at --q-bits, the rest at 8)."),
     q_bits: int = typer.Option(4, "--q-bits", help="Bits of the expert weights: 4 or 8."),
     q_group_size: int = typer.Option(64, "--q-group-size", help="Quantization group size: 32, 64 or 128."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 [source dtype]."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 (default: the source dtype)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --mlx-path."),
 ):
     """Convert a Hugging Face DiffusionGemma checkpoint to MLX (optionally quantized)."""

@@ -14,6 +14,8 @@ Both views are context managers fed with :mod:`dgemma_mlx.events` through ``upda
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from typing import Optional, TextIO
 
 from rich.color import Color
@@ -260,8 +262,10 @@ class LiveView:
             for event in stream_generate(...):
                 view.update(event)
 
-    The live region is transient and redrawn by Rich's refresh thread (``refresh_per_second``);
-    :meth:`update` only swaps references, so the generation loop never waits on drawing. The region
+    The live region is transient and redrawn on a painter thread as soon as a new pass arrives
+    (at most ``refresh_per_second`` frames a second; passes that arrive faster are coalesced into
+    the next frame). :meth:`update` only swaps references and wakes the painter, so the generation
+    loop never waits on drawing. The region
     never exceeds the terminal height (one line is kept free): top to bottom it shows the committed
     text (thought dimmed under "thinking", then the answer) cropped to its last lines, a rule, the
     current canvas (see :func:`canvas_text`; cropped with "…" if it cannot fit) and the status line
@@ -275,11 +279,13 @@ class LiveView:
         tokenizer,
         console: Optional[Console] = None,
         *,
-        refresh_per_second: float = 8.0,
+        refresh_per_second: float = 30.0,
         channel_start_id: int = 100,
         channel_end_id: int = 101,
     ):
         self.console = console if console is not None else Console()
+        self._wake = threading.Event()
+        self._painter: Optional[threading.Thread] = None
         self.refresh_per_second = refresh_per_second
         self.pieces = TokenPieces(tokenizer)
         self._transcript = _Transcript(tokenizer, channel_start_id, channel_end_id)
@@ -309,13 +315,24 @@ class LiveView:
         self._live = Live(
             console=self.console,
             get_renderable=lambda: self,
-            auto_refresh=True,
-            refresh_per_second=self.refresh_per_second,
+            auto_refresh=False,
             transient=True,
             vertical_overflow="crop",
         )
         self._live.start()
+        self._painter = threading.Thread(target=self._paint, name="dgemma-live-view", daemon=True)
+        self._painter.start()
         return self
+
+    def _paint(self) -> None:
+        interval = 1.0 / self.refresh_per_second
+        while True:
+            self._wake.wait()
+            if self._closed:
+                return
+            self._wake.clear()
+            self._live.refresh()
+            time.sleep(interval)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
@@ -337,12 +354,17 @@ class LiveView:
         elif isinstance(event, EndEvent):
             self.end = event
             self.close()
+            return
+        self._wake.set()
 
     def close(self) -> None:
         """Remove the live region and print the final text (once; later calls do nothing)."""
         if self._closed:
             return
         self._closed = True
+        self._wake.set()
+        if self._painter is not None:
+            self._painter.join()
         if self._live is not None:
             self._live.stop()
         self._transcript.end(self.end)

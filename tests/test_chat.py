@@ -419,7 +419,7 @@ def plain_console() -> Console:
     return Console(file=io.StringIO(), width=200, highlight=False, color_system=None)
 
 
-def test_scripted_session_exercises_every_command(model, tokenizer, tmp_path, monkeypatch):
+def test_scripted_session_exercises_every_command(model, tokenizer, tmp_path, monkeypatch, capsys):
     console = plain_console()
     session = make_session(model, tokenizer)
     real_denoise = model.denoise
@@ -472,7 +472,9 @@ def test_scripted_session_exercises_every_command(model, tokenizer, tmp_path, mo
     assert "steps=3" in script.output("/params")
     assert "steps=2" in script.output("/params steps=2 max_new_tokens=16 t_max=0.9")
     assert "t_max=0.9" in script.output("/params steps=2 max_new_tokens=16 t_max=0.9")
-    assert "encoded 32 new of 32 conversation tokens" in script.output("the sky is blue")
+    script.output("the sky is blue")
+    # piped output: the reply's measurements go to stderr, stdout keeps the conversation
+    assert "encoded 32 new of 32 conversation tokens" in capsys.readouterr().err
     assert "system prompt: You are terse." in script.output("/system")
     assert "thinking on" in script.output("/think on")
     assert "thoughts hidden" in script.output("/think hide")

@@ -1,0 +1,192 @@
+"""The ``dgemma generate`` / ``dgemma convert`` command lines, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
+FAST = ["--steps", "3", "--seed", "1"]
+
+
+def dgemma(*args, input=None, env=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "dgemma_mlx", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "100", **(env or {})},
+    )
+
+
+def one_line_error(result, *words):
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dgemma: error:"), lines[0]
+    assert "Traceback" not in result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_piped_generate_prints_only_the_answer_and_stats_on_stderr(checkpoint):
+    r = dgemma("generate", "--model", str(checkpoint), *FAST, "-n", "20", "Why is the sky blue?")
+    assert r.returncode == 0, r.stderr
+    assert "\x1b[" not in r.stdout and r.stdout.endswith("\n") and r.stdout.strip()
+    assert "prompt:" in r.stderr and "generation: 20 tokens" in r.stderr
+
+
+def test_prompt_is_read_from_stdin(checkpoint):
+    piped = dgemma("generate", "--model", str(checkpoint), *FAST, "-n", "16", input="Why is the sky blue?")
+    dash = dgemma("generate", "-", "--model", str(checkpoint), *FAST, "-n", "16", input="Why is the sky blue?")
+    arg = dgemma("generate", "Why is the sky blue?", "--model", str(checkpoint), *FAST, "-n", "16")
+    assert piped.returncode == dash.returncode == arg.returncode == 0
+    assert piped.stdout == dash.stdout == arg.stdout
+
+
+def test_events_are_json_lines_for_every_pass_and_commit(checkpoint, tmp_path):
+    path = tmp_path / "events.jsonl"
+    r = dgemma("generate", "--model", str(checkpoint), *FAST, "-n", "20", "--events", str(path), "Hello")
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    kinds = [e["type"] for e in events]
+    assert kinds == ["pass"] * 3 + ["commit"] + ["pass"] * 3 + ["commit", "end"]
+    first = events[0]
+    assert {"block", "step", "canvas", "accepted", "entropy", "mean_entropy", "temperature"} <= set(first)
+    assert len(first["canvas"]) == 16 and events[-1]["stats"]["generated_tokens"] == 20
+
+
+def test_events_on_stdout_keep_stdout_pure_json(checkpoint):
+    r = dgemma("generate", "--model", str(checkpoint), *FAST, "-n", "16", "--events", "-", "Hello")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["type"] for line in r.stdout.splitlines()][-1] == "end"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--steps", "0", "hi"], ["steps"]),
+        (["--t-min", "0.8", "--t-max", "0.8", "hi"], ["t-min", "t-max"]),
+        (["--t-min", "0.9", "--t-max", "0.5", "hi"], ["t-min"]),
+        (["--entropy-bound", "0", "hi"], ["entropy-bound"]),
+        (["--entropy-bound", "-1", "hi"], ["entropy-bound"]),
+        (["   "], ["empty"]),
+    ],
+)
+def test_bad_settings_and_empty_prompt_are_one_line_errors(checkpoint, args, words):
+    one_line_error(dgemma("generate", "--model", str(checkpoint), *args), *words)
+
+
+def test_prompt_longer_than_the_context_is_a_one_line_error(checkpoint):
+    long = "a " * 5000  # the tiny model's context is 4096 positions
+    one_line_error(dgemma("generate", "--model", str(checkpoint), long), "context")
+
+
+def test_unknown_model_directory_is_a_one_line_error(tmp_path):
+    one_line_error(dgemma("generate", "--model", str(tmp_path / "nope"), "hi"), "does not exist")
+
+
+def test_default_model_without_hub_access_says_to_pass_a_local_model(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "DGEMMA_MODEL": ""}
+    r = dgemma("generate", "hi", env=env)
+    one_line_error(r, "mlx-community/diffusiongemma-26B-A4B-it-4bit", "--model PATH")
+
+
+def test_model_comes_from_the_environment_variable(checkpoint):
+    r = dgemma("generate", *FAST, "-n", "16", "hi", env={"DGEMMA_MODEL": str(checkpoint)})
+    assert r.returncode == 0, r.stderr
+
+
+def test_piping_into_head_causes_no_traceback(checkpoint):
+    cmd = f"{sys.executable} -m dgemma_mlx generate --model {checkpoint} --steps 2 -n 2000 hi | head -c 5"
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, timeout=300)
+    stderr = r.stderr.decode(errors="replace")
+    assert "Traceback" not in stderr and "Error" not in stderr
+    assert len(r.stdout) == 5
+
+
+def spawn(args, checkpoint, **kw):
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"}
+    return pexpect.spawn(
+        sys.executable, ["-m", "dgemma_mlx", "generate", "--model", str(checkpoint), *args],
+        env=env, dimensions=(30, 100), encoding="utf-8", timeout=120, **kw,
+    )
+
+
+def test_terminal_run_shows_the_passes_and_ends_with_the_answer(checkpoint, tmp_path):
+    events = tmp_path / "events.jsonl"
+    child = spawn(["--steps", "4", "--seed", "3", "-n", "32", "--events", str(events), "Why?"], checkpoint)
+    child.expect(pexpect.EOF)
+    child.close()
+    out = ANSI.sub("", child.before)
+    assert child.exitstatus == 0, out
+    statuses = re.findall(r"block (\d+) · step (\d+)/4", out)  # the live view's status line
+    assert len(statuses) >= 2 and {b for b, _ in statuses} == {"1", "2"}
+    answer = json.loads(events.read_text().splitlines()[-1])["text"]
+    tail = out[out.rindex("step "):]
+    assert answer.strip()[-8:] in tail.replace("\n", "")
+
+
+def test_ctrl_c_keeps_the_committed_text_and_exits_130(checkpoint, tmp_path):
+    events = tmp_path / "events.jsonl"
+    child = spawn(["--steps", "48", "-n", "4000", "--seed", "4", "--events", str(events), "Why?"], checkpoint)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for two committed blocks
+        if events.exists() and events.read_text().count('"type": "commit"') >= 2:
+            break
+        time.sleep(0.2)
+    child.kill(signal.SIGINT)
+    child.expect(pexpect.EOF)
+    child.close()
+    out = ANSI.sub("", child.before)
+    assert child.exitstatus == 130, out
+    assert "Traceback" not in out and "Interrupted" in out
+    commits = [json.loads(l) for l in events.read_text().splitlines() if '"commit"' in l]
+    committed = "".join(c["text"] for c in commits)
+    assert committed.strip()[:8] in out.replace("\n", "")
+
+
+def test_convert_command_writes_a_loadable_model_and_refuses_to_overwrite(checkpoint, tmp_path):
+    out = tmp_path / "mlx"
+    r = dgemma("convert", "--hf-path", str(checkpoint), "--mlx-path", str(out), "-q", "--q-group-size", "32")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    again = dgemma("convert", "--hf-path", str(checkpoint), "--mlx-path", str(out))
+    one_line_error(again, "already exists", "--force")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [(["--q-bits", "3"], ["--q-bits"]), (["--q-group-size", "50"], ["--q-group-size"]), (["--dtype", "int8"], ["--dtype"])],
+)
+def test_convert_bad_options_are_one_line_errors_and_write_nothing(checkpoint, tmp_path, args, words):
+    out = tmp_path / "mlx"
+    one_line_error(dgemma("convert", "--hf-path", str(checkpoint), "--mlx-path", str(out), "-q", *args), *words)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_convert_of_a_missing_source_is_a_one_line_error(tmp_path):
+    one_line_error(
+        dgemma("convert", "--hf-path", str(tmp_path / "missing"), "--mlx-path", str(tmp_path / "out")), "does not exist"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_script_in_convert_dir_has_the_same_options(checkpoint, tmp_path):
+    script = Path(__file__).parents[1] / "convert" / "convert.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--hf-path", str(checkpoint), "--mlx-path", str(tmp_path / "m"), "--dtype", "float32"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m" / "model.safetensors.index.json").exists()
