@@ -24,12 +24,22 @@ import mlx.core as mx
 KV = tuple[mx.array, mx.array]
 
 
-class FullAttentionCache:
+class _LayerCache:
+    keys: Optional[mx.array] = None
+    values: Optional[mx.array] = None
+
+    def prefix(self) -> Optional[KV]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class FullAttentionCache(_LayerCache):
     """All cached keys/values of a full-attention layer."""
 
     def __init__(self) -> None:
-        self.keys: Optional[mx.array] = None
-        self.values: Optional[mx.array] = None
         self.offset = 0
 
     @property
@@ -70,22 +80,12 @@ class FullAttentionCache:
     def trim_to(self, length: int) -> None:
         self.offset = min(self.offset, length)
 
-    @property
-    def state(self) -> Optional[KV]:
-        return self.prefix()
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-
-class SlidingWindowCache:
+class SlidingWindowCache(_LayerCache):
     """The last ``window - 1`` keys/values of a sliding-window layer, oldest first."""
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self.keys: Optional[mx.array] = None
-        self.values: Optional[mx.array] = None
 
     @property
     def kept(self) -> int:
@@ -109,14 +109,6 @@ class SlidingWindowCache:
         if self.keys is None:
             return None
         return self.keys, self.values
-
-    @property
-    def state(self) -> Optional[KV]:
-        return self.prefix()
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
 LayerCache = Union[FullAttentionCache, SlidingWindowCache]

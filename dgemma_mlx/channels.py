@@ -132,3 +132,15 @@ class ChannelSplitter:
             out[-1] = Segment(self._kind, out[-1].text + new)
         else:
             out.append(Segment(self._kind, new))
+
+
+def channel_ids(tokenizer) -> tuple[int, int]:
+    """Ids of ``<|channel>`` and ``<channel|>`` (Gemma 4's thought markers; 100/101 by default)."""
+    ids = []
+    for token, default in (("<|channel>", 100), ("<channel|>", 101)):
+        try:
+            i = tokenizer.convert_tokens_to_ids(token)
+        except Exception:
+            i = None
+        ids.append(i if isinstance(i, int) and i != getattr(tokenizer, "unk_token_id", None) else default)
+    return ids[0], ids[1]

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import mlx.core as mx
 
-from .channels import ChannelSplitter
+from .channels import ChannelSplitter, channel_ids
 from .errors import DGemmaError
 from .events import CommitEvent, EndEvent, Event, GenerationStats
 from .generate import GenerationSettings, default_settings, render_chat, stream_generate
@@ -144,18 +144,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def channel_ids(tokenizer) -> tuple[int, int]:
-    """Ids of ``<|channel>`` and ``<channel|>`` (Gemma 4's thought markers; 100/101 by default)."""
-    ids = []
-    for token, default in (("<|channel>", 100), ("<channel|>", 101)):
-        try:
-            i = tokenizer.convert_tokens_to_ids(token)
-        except Exception:
-            i = None
-        ids.append(i if isinstance(i, int) and i != getattr(tokenizer, "unk_token_id", None) else default)
-    return ids[0], ids[1]
 
 
 _PARAM_ALIASES = {"max_tokens": "max_new_tokens", "n": "max_new_tokens", "max_denoising_steps": "steps"}

@@ -136,6 +136,7 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view and no stats: just the answer."),
 ):
     """Generate an answer, showing every refinement pass live."""
+    from .channels import channel_ids
     from .events import EndEvent, event_to_json
     from .generate import build_prompt, stream_generate
     from .render import LiveView, PlainView, format_stats
@@ -150,12 +151,13 @@ def generate(
     ids = build_prompt(tok, text, system=system, think=think, chat_template=not no_chat_template)
 
     out = Console(highlight=False)
+    start, end_id = channel_ids(tok)
     if events == "-":
         view = None
     elif out.is_terminal and not quiet:
-        view = LiveView(tok, out)
+        view = LiveView(tok, out, channel_start_id=start, channel_end_id=end_id)
     else:
-        view = PlainView(tok, sys.stdout)
+        view = PlainView(tok, sys.stdout, channel_start_id=start, channel_end_id=end_id)
     end = None
     with open_events(events) as sink, (view or nullcontext()):
         for event in stream_generate(mdl, tok, ids, **overrides):

@@ -5,10 +5,12 @@ Two ways to run the same computation, chosen by measurement (see ``benchmarks/``
 * ``"gather"`` — token/expert pairs sorted by expert and fed to gathered matmuls
   (``mx.gather_mm`` / ``mx.gather_qmm`` through mlx-lm's ``SwitchLinear``). No host
   synchronisation; the fast path on Metal and for quantized experts.
-* ``"grouped"`` — pairs sorted by expert, then one ordinary matmul per expert over its rows.
-  On MLX's CPU backend a gathered matmul runs one BLAS call per token (~8 GFLOP/s at the real
-  shapes), while grouped matmuls reach the BLAS rate. Needs the per-expert counts on the host:
-  one small synchronisation per layer.
+* ``"grouped"`` — pairs sorted by expert and packed into one zero-padded [M, H] matrix per used
+  expert, so the gathered matmul makes one ordinary BLAS call per expert (weights read once)
+  instead of one per token. On MLX's CPU backend a per-token gathered matmul is memory bound
+  (~8 GFLOP/s at the real shapes: every token re-reads a 16 MB expert); separate matmul ops per
+  expert pay MLX's per-op cost 256 times a layer. Needs the per-expert counts on the host: one
+  small synchronisation per layer.
 
 ``"auto"`` picks ``"grouped"`` for float experts on the CPU and ``"gather"`` otherwise.
 """
@@ -16,6 +18,7 @@ Two ways to run the same computation, chosen by measurement (see ``benchmarks/``
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
@@ -71,23 +74,30 @@ class Experts(nn.Module):
         return y.squeeze(-2)
 
     def _grouped(self, x: mx.array, idx: mx.array) -> mx.array:
-        """[N, H] -> [N, k, H] with one ordinary matmul per expert that has tokens."""
+        """[N, H] -> [N, k, H]: each used expert's rows as one matrix, one BLAS call per expert.
+
+        The rows routed to each used expert are packed into a [G, M, H] tensor (G used experts,
+        M the largest row count, shorter groups zero-padded), so one gathered matmul makes one
+        ordinary [M, H] x [H, out] product per expert and reads each expert's weights once.
+        """
         N, k = idx.shape
+        E = self.gate_up_proj.num_experts
         flat = idx.flatten()
         order = mx.argsort(flat)
-        counts = (flat[:, None] == mx.arange(self.gate_up_proj.num_experts)[None]).sum(axis=0)
-        xs = x[order // k]
-        w_gu = self.gate_up_proj.weight
-        w_d = self.down_proj.weight
-        outs = []
-        start = 0
-        for e, c in enumerate(counts.tolist()):  # the one host synchronisation of this layer
-            if c == 0:
-                continue
-            rows = xs[start : start + c]
-            h = rows @ w_gu[e].T
-            outs.append(_geglu_fused(h) @ w_d[e].T)
-            start += c
-        y = mx.concatenate(outs, axis=0)
-        inv = mx.argsort(order)
-        return y[inv].reshape(N, k, -1)
+        sorted_experts = flat[order]
+        counts = (flat[:, None] == mx.arange(E, dtype=flat.dtype)[None]).sum(axis=0)
+        counts_h = np.array(counts)  # the one host synchronisation of this layer
+        used = np.flatnonzero(counts_h)
+        M = int(counts_h.max())
+        starts = np.concatenate([[0], np.cumsum(counts_h)[:-1]]).astype(np.int32)
+        group = np.zeros(E, np.int32)
+        group[used] = np.arange(len(used), dtype=np.int32)
+        rank = mx.arange(flat.size, dtype=mx.int32) - mx.array(starts)[sorted_experts]
+        slot = mx.array(group)[sorted_experts] * M + rank  # row of each sorted pair in the packing
+        G = len(used)
+        packed = mx.zeros((G * M, x.shape[-1]), x.dtype)
+        packed[slot] = x[order // k]
+        experts = mx.array(used.astype(np.uint32))
+        h = self.gate_up_proj(packed.reshape(G, M, -1), experts)
+        y = self.down_proj(_geglu_fused(h), experts).reshape(G * M, -1)
+        return y[slot][mx.argsort(order)].reshape(N, k, -1)

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 
 from .cache import PrefixCache
-from .channels import ChannelSplitter
+from .channels import ChannelSplitter, channel_ids
 from .errors import DGemmaError
 from .events import CommitEvent, EndEvent, Event, GenerationStats, PassEvent
 from .sampler import sampler_step, temperature, uniform_tokens
@@ -149,17 +149,6 @@ def render_chat(tokenizer, messages: list[dict], *, think: bool, add_generation_
     return list(ids)
 
 
-def _channel_ids(tokenizer) -> tuple[int, int]:
-    ids = []
-    for token, default in (("<|channel>", 100), ("<channel|>", 101)):
-        try:
-            i = tokenizer.convert_tokens_to_ids(token)
-        except Exception:
-            i = None
-        ids.append(i if isinstance(i, int) and i != getattr(tokenizer, "unk_token_id", None) else default)
-    return ids[0], ids[1]
-
-
 def stream_generate(
     model,
     tokenizer,
@@ -197,7 +186,7 @@ def stream_generate(
     max_new = min(settings.max_new_tokens, room)
     n_blocks = math.ceil(max_new / C)
     eos = set(args.eos_token_ids)
-    splitter = ChannelSplitter(tokenizer, *_channel_ids(tokenizer))
+    splitter = ChannelSplitter(tokenizer, *channel_ids(tokenizer))
 
     seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")
     key = mx.random.key(seed)
