@@ -41,6 +41,7 @@ class FullAttentionCache(_LayerCache):
 
     def __init__(self) -> None:
         self.offset = 0
+        self.reserved = 0  # capacity to allocate at the next growth
 
     @property
     def capacity(self) -> int:
@@ -49,17 +50,13 @@ class FullAttentionCache(_LayerCache):
     def _grow(self, like_k: mx.array, like_v: mx.array, needed: int) -> None:
         B, H, _, Dk = like_k.shape
         Dv = like_v.shape[3]
-        cap = max(needed, 2 * self.capacity, 256)
+        cap = max(needed, 2 * self.capacity, self.reserved, 256)
         keys = mx.zeros((B, H, cap, Dk), like_k.dtype)
         values = mx.zeros((B, H, cap, Dv), like_v.dtype)
         if self.offset:
             keys[..., : self.offset, :] = self.keys[..., : self.offset, :]
             values[..., : self.offset, :] = self.values[..., : self.offset, :]
         self.keys, self.values = keys, values
-
-    def reserve(self, like_k: mx.array, like_v: mx.array, total: int) -> None:
-        if total > self.capacity:
-            self._grow(like_k, like_v, total)
 
     def append(self, keys: mx.array, values: mx.array) -> KV:
         """Store ``[B, H, L, D]`` new keys/values; return views of the whole prefix including them."""
@@ -143,6 +140,13 @@ class PrefixCache:
 
     def __iter__(self):
         return iter(self.layers)
+
+    def reserve(self, total: int) -> None:
+        """Make room for ``total`` tokens at the next allocation, so that appending the blocks of a
+        generation never has to grow (copy) the full-attention buffers."""
+        for c in self.layers:
+            if isinstance(c, FullAttentionCache):
+                c.reserved = max(c.reserved, total)
 
     def advance(self, n: int) -> None:
         """Record that ``n`` tokens were appended to every layer."""

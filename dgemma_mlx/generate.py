@@ -188,6 +188,7 @@ def stream_generate(
     eos = set(args.eos_token_ids)
     splitter = ChannelSplitter(tokenizer, *channel_ids(tokenizer))
 
+    cache.reserve(cache.offset + len(ids) + n_blocks * C)
     seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")
     key = mx.random.key(seed)
     mx.reset_peak_memory()

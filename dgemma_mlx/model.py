@@ -17,11 +17,11 @@ times ``layer_scalar``. The router reads ``r``. Attention uses scale 1.0 with RM
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .cache import FullAttentionCache, PrefixCache, SlidingWindowCache
@@ -119,47 +119,108 @@ class Attention(nn.Module):
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def encode(self, x: mx.array, cache, offset: int) -> mx.array:
-        """Causal attention of ``x`` over the cached prefix and itself; appends to ``cache``."""
+        """Causal attention of ``x`` over the cached prefix and itself; appends to ``cache``.
+
+        Sliding layers let the query at position p see keys in (p - window, p]."""
         L = x.shape[1]
         q, k, v = self._qkv(x, offset)
-        if isinstance(cache, SlidingWindowCache):
-            kept = cache.kept
-            keys, values = cache.append(k, v)
-            mask = create_causal_mask(L, offset=kept, window_size=self.window)
-        else:
-            keys, values = cache.append(k, v)
-            mask = "causal" if L > 1 else None
-        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
-        return self._out(o)
+        kept = cache.kept if isinstance(cache, SlidingWindowCache) else offset
+        keys, values = cache.append(k, v)  # views of the stored prefix, then the new tokens
+        window = self.window if self.is_sliding else None
+        parts = [(k, v, _causal_mask(L, 0, window))]
+        if kept:
+            prefix_mask = _causal_mask(L, kept, window, prefix_only=True) if window else None
+            parts.insert(0, (keys[..., :kept, :], values[..., :kept, :], prefix_mask))
+        return self._out(_attend(q, parts))
 
     def denoise(self, x: mx.array, cache, offset: int) -> mx.array:
         """Bidirectional attention of the canvas over the cached prefix and the whole canvas.
 
-        The prefix is read in place (no concatenation with the canvas keys): scores against the
-        prefix and against the canvas are combined with one shared softmax normaliser.
-        """
+        The prefix is read in place: it is never concatenated with the canvas keys."""
         q, k, v = self._qkv(x, offset)
         prefix = cache.prefix() if cache is not None else None
-        if prefix is None:
-            return self._out(mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0))
-        pk, pv = prefix
-        B, H, C, D = q.shape
-        qg = q.reshape(B, self.n_kv, (H // self.n_kv) * C, D)
-        s_prefix = (qg @ pk.swapaxes(-1, -2)).astype(mx.float32)
-        s_canvas = (qg @ k.swapaxes(-1, -2)).astype(mx.float32)
-        o = _merge_softmax(s_prefix, s_canvas, pv, v)
-        return self._out(o.reshape(B, H, C, -1))
+        parts = [(k, v, None)] if prefix is None else [(*prefix, None), (k, v, None)]
+        return self._out(_attend(q, parts))
 
 
-def _merge_softmax(s1: mx.array, s2: mx.array, v1: mx.array, v2: mx.array) -> mx.array:
-    """``softmax([s1, s2]) @ [v1; v2]`` without concatenating either pair."""
-    m = mx.maximum(s1.max(axis=-1, keepdims=True), s2.max(axis=-1, keepdims=True))
-    e1 = mx.exp(s1 - m)
-    e2 = mx.exp(s2 - m)
-    denom = e1.sum(axis=-1, keepdims=True) + e2.sum(axis=-1, keepdims=True)
-    dt = v1.dtype
-    o = e1.astype(dt) @ v1 + e2.astype(dt) @ v2
-    return (o.astype(mx.float32) / denom).astype(dt)
+def _causal_mask(L: int, kept: int, window: Optional[int], prefix_only: bool = False) -> mx.array:
+    """Additive mask [L, K] for L queries that follow ``kept`` earlier keys.
+
+    ``prefix_only``: the keys are the ``kept`` earlier ones (K = kept); otherwise the L new ones.
+    A query i may see key j when j is not after it and, with a window, fewer than ``window``
+    positions before it."""
+    q = mx.arange(L)[:, None] + kept
+    k = mx.arange(kept if prefix_only else L)[None] + (0 if prefix_only else kept)
+    allowed = k <= q
+    if window:
+        allowed = allowed & (k > q - window)
+    return mx.where(allowed, 0.0, -mx.inf).astype(mx.float32)
+
+
+def _attend(q: mx.array, parts: list) -> mx.array:
+    """Attention (scale 1.0) of q [B, H, L, D] over key/value parts [B, kv, K_i, D] with optional
+    additive masks [L, K_i]: one softmax across all parts, computed without concatenating them.
+
+    Query heads share key/value heads in groups (GQA, kv-major). Groups of kv heads are spread
+    over :func:`compute_streams` (on the CPU, MLX runs each op on one core).
+    """
+    B, H, L, D = q.shape
+    n_kv = parts[0][0].shape[1]
+    rep = H // n_kv
+    outs = []
+    for (a, b), stream in zip(_split(n_kv), compute_streams()):
+        with mx.stream(stream):
+            qg = q[:, a * rep : b * rep].reshape(B, b - a, rep * L, D)
+            scores, values = [], []
+            for k, v, mask in parts:
+                s = (qg @ k[:, a:b].swapaxes(-1, -2)).astype(mx.float32)
+                if mask is not None:
+                    s = (s.reshape(B, b - a, rep, L, -1) + mask).reshape(s.shape)
+                scores.append(s)
+                values.append(v[:, a:b])
+            outs.append(_merge_softmax(scores, values).reshape(B, (b - a) * rep, L, -1))
+    return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+
+
+_STREAMS: list = []
+
+
+def compute_streams() -> list:
+    """Streams to spread independent work over: two on the CPU (MLX runs an op on one core, so
+    elementwise-heavy work parallelises across streams), one elsewhere."""
+    if not _STREAMS:
+        device = mx.default_device()
+        _STREAMS.append(mx.default_stream(device))
+        if device.type == mx.DeviceType.cpu and (os.cpu_count() or 1) > 1:
+            _STREAMS.append(mx.new_stream(device))
+    return _STREAMS
+
+
+def _split(n: int) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into one contiguous range per compute stream (fewer when n is small)."""
+    parts = min(n, len(compute_streams()))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@mx.compile
+def _shifted_exp(s: mx.array, m: mx.array) -> mx.array:
+    return mx.exp(s - m)
+
+
+def _merge_softmax(scores: list[mx.array], values: list[mx.array]) -> mx.array:
+    """``softmax(concat(scores)) @ concat(values)`` from the parts (float32 softmax)."""
+    m = scores[0].max(axis=-1, keepdims=True)
+    for s in scores[1:]:
+        m = mx.maximum(m, s.max(axis=-1, keepdims=True))
+    dt = values[0].dtype
+    out = denom = None
+    for s, v in zip(scores, values):
+        e = _shifted_exp(s, m)
+        part, total = e.astype(dt) @ v, e.sum(axis=-1, keepdims=True)
+        out = part if out is None else out + part
+        denom = total if denom is None else denom + total
+    return (out.astype(mx.float32) / denom).astype(dt)
 
 
 class DecoderLayer(nn.Module):
