@@ -27,15 +27,11 @@ from mlx_lm.models.rope_utils import initialize_rope
 from .cache import FullAttentionCache, PrefixCache, SlidingWindowCache
 from .config import FULL, SLIDING, ModelArgs
 from .experts import Experts
+from .ops import gelu_mul, on_cpu, shifted_exp
 
 
 def rms_norm_noscale(x: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, None, eps)
-
-
-@mx.compile
-def geglu(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.gelu_approx(gate) * up
 
 
 class MLP(nn.Module):
@@ -48,7 +44,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dims, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(gelu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -191,7 +187,7 @@ def compute_streams() -> list:
     if not _STREAMS:
         device = mx.default_device()
         _STREAMS.append(mx.default_stream(device))
-        if device.type == mx.DeviceType.cpu and (os.cpu_count() or 1) > 1:
+        if on_cpu() and (os.cpu_count() or 1) > 1:
             _STREAMS.append(mx.new_stream(device))
     return _STREAMS
 
@@ -203,9 +199,19 @@ def _split(n: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-@mx.compile
-def _shifted_exp(s: mx.array, m: mx.array) -> mx.array:
-    return mx.exp(s - m)
+def _rows_in_parallel(fn, x: mx.array) -> mx.array:
+    """``fn(x)`` for a row-wise elementwise ``fn`` of x [..., L, D], with the rows spread over
+    :func:`compute_streams`: the vocabulary-sized soft cap and self-conditioning softmax would
+    otherwise run on one CPU core. (Matmuls stay on one stream: two concurrent BLAS calls only
+    contend for the same cores.)"""
+    ranges = _split(x.shape[-2])
+    if len(ranges) == 1:
+        return fn(x)
+    parts = []
+    for (a, b), stream in zip(ranges, compute_streams()):
+        with mx.stream(stream):
+            parts.append(fn(x[..., a:b, :]))
+    return mx.concatenate(parts, axis=-2)
 
 
 def _merge_softmax(scores: list[mx.array], values: list[mx.array]) -> mx.array:
@@ -216,7 +222,7 @@ def _merge_softmax(scores: list[mx.array], values: list[mx.array]) -> mx.array:
     dt = values[0].dtype
     out = denom = None
     for s, v in zip(scores, values):
-        e = _shifted_exp(s, m)
+        e = shifted_exp(s, m)
         part, total = e.astype(dt) @ v, e.sum(axis=-1, keepdims=True)
         out = part if out is None else out + part
         denom = total if denom is None else denom + total
@@ -270,7 +276,7 @@ class SelfConditioning(nn.Module):
     def __call__(self, embeds: mx.array, soft: Optional[mx.array]) -> mx.array:
         if soft is not None:
             n = self.pre_norm(soft)
-            embeds = embeds + self.down_proj(geglu(self.gate_proj(n), self.up_proj(n)))
+            embeds = embeds + self.down_proj(gelu_mul(self.gate_proj(n), self.up_proj(n)))
         # With no soft input the MLP's output is exactly zero (gelu(0) = 0), so it is skipped.
         return rms_norm_noscale(embeds, self.eps)
 
@@ -323,11 +329,11 @@ class Model(nn.Module):
         return soft * mx.array(self.args.embed_scale, dtype=dt)
 
     def logits(self, h: mx.array) -> mx.array:
-        """Final norm, tied head, float32, soft cap."""
+        """Final norm, tied head, float32, soft cap ([B, L, H] -> [B, L, V])."""
         out = self.embed_tokens.as_linear(self.norm(h)).astype(mx.float32)
         cap = self.args.final_logit_softcapping
         if cap:
-            out = mx.tanh(out / cap) * cap
+            out = _rows_in_parallel(lambda x: mx.tanh(x / cap) * cap, out)
         return out
 
     # ---------------------------------------------------------------------------------- passes
@@ -368,8 +374,9 @@ class Model(nn.Module):
         h = self._embed(canvas)
         soft = None
         if self_conditioning_probs is None and self_conditioning_logits is not None:
+            # The reference keeps these logits in the embedding dtype before its softmax.
             sc = self_conditioning_logits.astype(self.dtype).astype(mx.float32)
-            self_conditioning_probs = mx.softmax(sc, axis=-1)
+            self_conditioning_probs = _rows_in_parallel(lambda x: mx.softmax(x, axis=-1), sc)
         if self_conditioning_probs is not None:
             soft = self.soft_embedding(self_conditioning_probs)
         h = self.self_conditioning(h, soft)
