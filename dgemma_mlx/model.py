@@ -17,7 +17,6 @@ times ``layer_scalar``. The router reads ``r``. Attention uses scale 1.0 with RM
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import mlx.core as mx
@@ -27,7 +26,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from .cache import FullAttentionCache, PrefixCache, SlidingWindowCache
 from .config import FULL, SLIDING, ModelArgs
 from .experts import Experts
-from .ops import gelu_mul, on_cpu, shifted_exp
+from .ops import compute_streams, gelu_mul, rows_in_parallel, shifted_exp, split_range
 
 
 def rms_norm_noscale(x: mx.array, eps: float) -> mx.array:
@@ -164,7 +163,7 @@ def _attend(q: mx.array, parts: list) -> mx.array:
     n_kv = parts[0][0].shape[1]
     rep = H // n_kv
     outs = []
-    for (a, b), stream in zip(_split(n_kv), compute_streams()):
+    for (a, b), stream in zip(split_range(n_kv), compute_streams()):
         with mx.stream(stream):
             qg = q[:, a * rep : b * rep].reshape(B, b - a, rep * L, D)
             scores, values = [], []
@@ -176,42 +175,6 @@ def _attend(q: mx.array, parts: list) -> mx.array:
                 values.append(v[:, a:b])
             outs.append(_merge_softmax(scores, values).reshape(B, (b - a) * rep, L, -1))
     return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
-
-
-_STREAMS: list = []
-
-
-def compute_streams() -> list:
-    """Streams to spread independent work over: two on the CPU (MLX runs an op on one core, so
-    elementwise-heavy work parallelises across streams), one elsewhere."""
-    if not _STREAMS:
-        device = mx.default_device()
-        _STREAMS.append(mx.default_stream(device))
-        if on_cpu() and (os.cpu_count() or 1) > 1:
-            _STREAMS.append(mx.new_stream(device))
-    return _STREAMS
-
-
-def _split(n: int) -> list[tuple[int, int]]:
-    """``[0, n)`` cut into one contiguous range per compute stream (fewer when n is small)."""
-    parts = min(n, len(compute_streams()))
-    bounds = [n * i // parts for i in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _rows_in_parallel(fn, x: mx.array) -> mx.array:
-    """``fn(x)`` for a row-wise elementwise ``fn`` of x [..., L, D], with the rows spread over
-    :func:`compute_streams`: the vocabulary-sized soft cap and self-conditioning softmax would
-    otherwise run on one CPU core. (Matmuls stay on one stream: two concurrent BLAS calls only
-    contend for the same cores.)"""
-    ranges = _split(x.shape[-2])
-    if len(ranges) == 1:
-        return fn(x)
-    parts = []
-    for (a, b), stream in zip(ranges, compute_streams()):
-        with mx.stream(stream):
-            parts.append(fn(x[..., a:b, :]))
-    return mx.concatenate(parts, axis=-2)
 
 
 def _merge_softmax(scores: list[mx.array], values: list[mx.array]) -> mx.array:
@@ -333,7 +296,7 @@ class Model(nn.Module):
         out = self.embed_tokens.as_linear(self.norm(h)).astype(mx.float32)
         cap = self.args.final_logit_softcapping
         if cap:
-            out = _rows_in_parallel(lambda x: mx.tanh(x / cap) * cap, out)
+            out = rows_in_parallel(lambda x: mx.tanh(x / cap) * cap, out)
         return out
 
     # ---------------------------------------------------------------------------------- passes
@@ -376,7 +339,7 @@ class Model(nn.Module):
         if self_conditioning_probs is None and self_conditioning_logits is not None:
             # The reference keeps these logits in the embedding dtype before its softmax.
             sc = self_conditioning_logits.astype(self.dtype).astype(mx.float32)
-            self_conditioning_probs = _rows_in_parallel(lambda x: mx.softmax(x, axis=-1), sc)
+            self_conditioning_probs = rows_in_parallel(lambda x: mx.softmax(x, axis=-1), sc)
         if self_conditioning_probs is not None:
             soft = self.soft_embedding(self_conditioning_probs)
         h = self.self_conditioning(h, soft)

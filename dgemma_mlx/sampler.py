@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .ops import compute_streams, split_range
+
 # Inverse-CDF sampling works on blocks of this many vocabulary entries (see `sample_tokens`).
 SAMPLE_BLOCK = 512
 
@@ -123,15 +125,16 @@ def entropy_bound_accept(scaled_logits: mx.array, entropy_bound: float) -> mx.ar
     return accept_from_entropy(token_entropy(scaled_logits), entropy_bound)
 
 
-def _inverse_cdf(blocks: mx.array, block_sums: mx.array, fallback: mx.array, key: mx.array) -> mx.array:
+def _inverse_cdf(blocks: mx.array, block_sums: mx.array, fallback: mx.array, u: mx.array) -> mx.array:
     # Draw one flat index per row of weights given in blocks [..., nb, blk] (with their sums), with
     # probability proportional to its weight. Two levels: pick a block from the cumsum of block
     # sums, then an entry from the cumsum inside that block. An entry is chosen only where its cdf
     # steps up past the target, so weight-0 entries never are; `fallback` [...] (an entry of
-    # positive weight) guards against rounding in scans that are not monotone.
+    # positive weight) guards against rounding in scans that are not monotone. `u` [..., 1] holds
+    # one uniform draw in [0, 1) per row.
     nb, blk = blocks.shape[-2:]
     cdf = mx.cumsum(block_sums, axis=-1)
-    target = (1.0 - mx.random.uniform(shape=(*block_sums.shape[:-1], 1), key=key)) * cdf[..., -1:]
+    target = (1.0 - u) * cdf[..., -1:]
     b = mx.minimum((cdf < target).sum(-1, keepdims=True), nb - 1)
     cdf_before = mx.concatenate([mx.zeros_like(cdf[..., :1]), cdf[..., :-1]], axis=-1)
     before = mx.take_along_axis(cdf_before, b, axis=-1)
@@ -161,7 +164,13 @@ def sample_tokens(scaled_logits: mx.array, key: mx.array) -> mx.array:
     scaled = scaled_logits.astype(mx.float32)
     argmax = mx.argmax(scaled, axis=-1).astype(mx.int32)
     _, blocks, block_sums, _, _ = _softmax_parts(scaled, argmax)
-    return _inverse_cdf(blocks, block_sums, argmax, key)
+    return _inverse_cdf(blocks, block_sums, argmax, _uniforms(scaled.shape[:-1], key))
+
+
+def _uniforms(shape: tuple[int, ...], key: mx.array) -> mx.array:
+    # One uniform per position, [..., 1]: drawn for the whole canvas at once, so that splitting
+    # the work over streams does not change the draws.
+    return mx.random.uniform(shape=(*shape, 1), key=key)
 
 
 def uniform_tokens(shape: tuple[int, ...], vocab_size: int, key: mx.array) -> mx.array:
@@ -232,10 +241,14 @@ def sampler_step(
     already stopped is also the caller's job. Nothing here waits for the device.
     """
     sample_key, noise_key = mx.random.split(key)
-    scaled = logits.astype(mx.float32) / mx.array(temperature(step, max_steps, t_min, t_max), mx.float32)
-    argmax = mx.argmax(scaled, axis=-1).astype(mx.int32)
-    e, blocks, block_sums, total, entropy = _softmax_parts(scaled, argmax)
-    sampled = _inverse_cdf(blocks, block_sums, argmax, sample_key)
+    t = mx.array(temperature(step, max_steps, t_min, t_max), mx.float32)
+    u = _uniforms(logits.shape[:-1], sample_key)
+    # The per-position work (vocabulary-sized) is spread over the compute streams by canvas rows.
+    pieces = []
+    for (a, b), stream in zip(split_range(logits.shape[-2]), compute_streams()):
+        with mx.stream(stream):
+            pieces.append(_per_position(logits[..., a:b, :], t, u[..., a:b, :]))
+    scaled, argmax, entropy, sampled, probs = (_join(list(p)) for p in zip(*pieces))
     accepted = accept_from_entropy(entropy, entropy_bound)
     mean_entropy = entropy.mean(-1)
     return StepResult(
@@ -246,5 +259,19 @@ def sampler_step(
         mean_entropy=mean_entropy,
         stop=is_stable(history, argmax, stability_threshold) & (mean_entropy < confidence_threshold),
         scaled=scaled,
-        probs=e / total[..., None],
+        probs=probs,
     )
+
+
+def _join(parts: list[mx.array]) -> mx.array:
+    # Per-position results [B, c] or [B, c, V] of consecutive canvas ranges -> the whole canvas.
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+
+
+def _per_position(logits: mx.array, t: mx.array, u: mx.array) -> tuple[mx.array, ...]:
+    """Scaled logits, argmax, entropy, one draw and the probabilities of each canvas position."""
+    scaled = logits.astype(mx.float32) / t
+    argmax = mx.argmax(scaled, axis=-1).astype(mx.int32)
+    e, blocks, block_sums, total, entropy = _softmax_parts(scaled, argmax)
+    sampled = _inverse_cdf(blocks, block_sums, argmax, u)
+    return scaled, argmax, entropy, sampled, e / total[..., None]
