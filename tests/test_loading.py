@@ -159,3 +159,49 @@ def test_truncated_safetensors_file_is_reported(broken):
 def test_missing_tokenizer_is_reported(broken):
     (broken / "tokenizer.json").unlink()
     expect_error(broken, "tokenizer")
+
+
+def to_mlx_vlm_layout(model, source: Path, dst: Path) -> Path:
+    """Write ``model`` (possibly quantized) the way mlx-vlm's converter lays a DiffusionGemma out
+    (checked against mlx-vlm 0.7.10): everything under ``model.decoder.*``, the encoder's layer
+    scalars under ``model.encoder.language_model.*``, the (unquantized) vision tower kept, and a
+    ``quantization`` block keyed by those names."""
+    from mlx.utils import tree_flatten
+
+    def vlm_name(key: str) -> str:
+        if ".encoder_layer_scalar" in key:
+            return "model.encoder.language_model." + key.replace("encoder_layer_scalar", "layer_scalar")
+        return "model.decoder." + key
+
+    weights = {vlm_name(k): v for k, v in tree_flatten(model.parameters())}
+    weights["model.encoder.vision_tower.encoder.layers.0.input_layernorm.weight"] = mx.ones((32,))
+    weights["model.encoder.embed_vision.embedding_projection.weight"] = mx.zeros((64, 32))
+    dst.mkdir(parents=True)
+    mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = json.loads((source / "config.json").read_text())
+    quantization = {}
+    for path, module in model.named_modules():
+        if hasattr(module, "bits"):
+            quantization[vlm_name(path)] = {"group_size": module.group_size, "bits": module.bits, "mode": module.mode}
+    if quantization:
+        quantization.update(group_size=32, bits=4, mode="affine")
+        config["quantization"] = config["quantization_config"] = quantization
+    config["vision_config"] = {"model_type": "gemma4_vision", "hidden_size": 32}
+    (dst / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy2(source / name, dst / name)
+    return dst
+
+
+@pytest.mark.parametrize("mode", ["affine", "mxfp4"])
+def test_mlx_vlm_conversions_load_with_their_names_and_quantization(tmp_path, checkpoint, mode):
+    import mlx.nn as nn
+
+    quantized, _ = load(checkpoint)
+    nn.quantize(quantized, group_size=32, bits=4, mode=mode, class_predicate=lambda p, m: ".experts." in p)
+    nn.quantize(quantized, group_size=32, bits=8, class_predicate=lambda p, m: p == "embed_tokens")
+    path = to_mlx_vlm_layout(quantized, checkpoint, tmp_path / "vlm")
+    loaded, _ = load(path)
+    experts = loaded.layers[0].experts.gate_up_proj
+    assert (experts.bits, experts.mode) == (4, mode) and loaded.embed_tokens.bits == 8
+    assert np.array_equal(logits_of(loaded), logits_of(quantized))
