@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -372,10 +373,20 @@ def derive(report: dict) -> None:
             d["step_scaling"] = {"from": int(ks[0]), "to": int(ks[-1]),
                                  "ratio": steps[ks[-1]]["median_s"] / steps[ks[0]]["median_s"]}
         commits = r.get("commit") or {}
+        C = shape["canvas_length"]
+        commit_flops = {k: statistics.mean(prefill_flops(shape, C, start=p) for p in c["prefixes"])
+                        for k, c in commits.items() if c.get("prefixes")}
+        for k, f in commit_flops.items():
+            d.setdefault("commit_gflops", {})[k] = f / commits[k]["median_s"] / 1e9
         if len(commits) >= 2:
             ks = sorted(commits, key=int)
-            d["commit_scaling"] = {"from": int(ks[0]), "to": int(ks[-1]),
-                                   "ratio": commits[ks[-1]]["median_s"] / commits[ks[0]]["median_s"]}
+            ratio = commits[ks[-1]]["median_s"] / commits[ks[0]]["median_s"]
+            d["commit_scaling"] = {"from": int(ks[0]), "to": int(ks[-1]), "ratio": ratio}
+            if ks[0] in commit_flops and ks[-1] in commit_flops:
+                # Committing must attend over the longer prefix: the FLOPs themselves grow. Time per
+                # FLOP shows whether anything beyond that work grows (e.g. re-encoding, cache copies).
+                flop_ratio = commit_flops[ks[-1]] / commit_flops[ks[0]]
+                d["commit_scaling"].update(flop_ratio=flop_ratio, time_per_flop_ratio=ratio / flop_ratio)
     ours = results.get("ours")
     comp = {}
     if ours:
@@ -489,7 +500,10 @@ def render(report: dict, console) -> None:
     cs = {n: get(res[n], "derived", "commit_scaling") for n in impls}
     if any(cs.values()):
         x = next(v for v in cs.values() if v)
-        row(f"  commit after {x['to']} / after {x['from']}", {n: fmt(v and v["ratio"], ".2f", "×") for n, v in cs.items()},
+        row(f"  commit after {x['to']} / after {x['from']}", {n: fmt(v and v["ratio"], ".2f", "×") for n, v in cs.items()})
+        row("    its FLOPs (attention over the longer prefix)",
+            {n: fmt(v and v.get("flop_ratio"), ".2f", "×") for n, v in cs.items()})
+        row("    its time per FLOP", {n: fmt(v and v.get("time_per_flop_ratio"), ".2f", "×") for n, v in cs.items()},
             end_section=True)
     for n_new in settings["e2e"]:
         row(f"e2e {n_new} new tok (tok/s)", {n: fmt(get(res[n], "e2e", str(n_new), "tps"), ".2f") for n in impls},

@@ -172,15 +172,17 @@ class PrefixCache:
         self._checkpoints.append(_Checkpoint(self.offset, windows))
         del self._checkpoints[: -self.max_checkpoints]
 
-    def rewind(self, length: int) -> int:
+    def rewind(self, length: int, *, force: bool = False) -> int:
         """Shrink the cache to at most ``length`` tokens and return the length it now holds.
 
         Full-attention layers can be cut anywhere; sliding-window layers only at a checkpoint (their
         older tokens were dropped), so the result is the latest checkpoint at or before ``length``
         (0 when there is none: the cache is then empty). The caller re-encodes the tokens between
-        the returned length and the length it wanted.
+        the returned length and the length it wanted. ``force`` resets every layer even when
+        ``length`` is not below :attr:`offset` (after an interrupted ``encode`` appended to some
+        layers only).
         """
-        if length >= self.offset:
+        if length >= self.offset and not force:
             return self.offset
         target = None
         for cp in reversed(self._checkpoints):

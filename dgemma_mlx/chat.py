@@ -512,8 +512,7 @@ class ChatSession:
         """Make the cache consistent after an interruption: an interrupted ``encode`` may have
         appended to some layers only, so every layer is rewound to the last safe checkpoint."""
         safe = min(self._safe, len(self._ids))
-        self.cache.offset = max(self.cache.offset, safe + 1)  # force rewind() to reset every layer
-        n = self.cache.rewind(safe)
+        n = self.cache.rewind(safe, force=True)
         del self._ids[n:]
         self._safe = n
 

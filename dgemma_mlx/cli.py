@@ -57,12 +57,14 @@ def default_model() -> str:
 
 
 def load_with_status(model: str, quiet: bool = False):
-    """Load ``(model, tokenizer)``, showing a spinner on a terminal."""
-    from .loading import load
+    """Load ``(model, tokenizer)``: a repo id is first fetched into the Hugging Face cache (with
+    huggingface_hub's download progress), then a spinner shows while the weights load."""
+    from .loading import load, resolve_model_path
 
+    path = resolve_model_path(model)
     status = err.status(f"Loading {model} …") if err.is_terminal and not quiet else nullcontext()
     with status:
-        return load(model)
+        return load(path)
 
 
 # Shared sampling options (generate and chat).

@@ -26,7 +26,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from .cache import FullAttentionCache, PrefixCache, SlidingWindowCache
 from .config import FULL, SLIDING, ModelArgs
 from .experts import Experts
-from .ops import compute_streams, gelu_mul, rows_in_parallel, shifted_exp, split_range
+from .ops import LOG2E, compute_streams, gelu_mul, rows_in_parallel, shifted_exp2, softmax, split_range
 
 
 def rms_norm_noscale(x: mx.array, eps: float) -> mx.array:
@@ -162,6 +162,7 @@ def _attend(q: mx.array, parts: list) -> mx.array:
     B, H, L, D = q.shape
     n_kv = parts[0][0].shape[1]
     rep = H // n_kv
+    q = q * mx.array(LOG2E, q.dtype)  # scores in log2 units: the softmax then uses powers of 2
     outs = []
     for (a, b), stream in zip(split_range(n_kv), compute_streams()):
         with mx.stream(stream):
@@ -178,14 +179,15 @@ def _attend(q: mx.array, parts: list) -> mx.array:
 
 
 def _merge_softmax(scores: list[mx.array], values: list[mx.array]) -> mx.array:
-    """``softmax(concat(scores)) @ concat(values)`` from the parts (float32 softmax)."""
+    """``softmax(concat(scores)) @ concat(values)`` from the parts, for scores in log2 units
+    (float32 softmax)."""
     m = scores[0].max(axis=-1, keepdims=True)
     for s in scores[1:]:
         m = mx.maximum(m, s.max(axis=-1, keepdims=True))
     dt = values[0].dtype
     out = denom = None
     for s, v in zip(scores, values):
-        e = shifted_exp(s, m)
+        e = shifted_exp2(s, m)
         part, total = e.astype(dt) @ v, e.sum(axis=-1, keepdims=True)
         out = part if out is None else out + part
         denom = total if denom is None else denom + total
@@ -339,7 +341,7 @@ class Model(nn.Module):
         if self_conditioning_probs is None and self_conditioning_logits is not None:
             # The reference keeps these logits in the embedding dtype before its softmax.
             sc = self_conditioning_logits.astype(self.dtype).astype(mx.float32)
-            self_conditioning_probs = rows_in_parallel(lambda x: mx.softmax(x, axis=-1), sc)
+            self_conditioning_probs = rows_in_parallel(softmax, sc)
         if self_conditioning_probs is not None:
             soft = self.soft_embedding(self_conditioning_probs)
         h = self.self_conditioning(h, soft)

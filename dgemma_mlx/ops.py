@@ -40,24 +40,39 @@ def gelu_mul(gate: mx.array, up: mx.array) -> mx.array:
     return nn.gelu_approx(gate) * up
 
 
+LOG2E = 1.4426950408889634
+
+# On MLX's CPU backend ``power(2, x)`` runs twice as fast as ``exp`` (114 against 230 ms for 16.8M
+# floats here) at the same accuracy, so exponentials are taken in base 2 on scores in log2 units.
+
+
 @fused
-def shifted_exp(s: mx.array, m: mx.array) -> mx.array:
-    """``exp(s - m)``."""
-    return mx.exp(s - m)
+def shifted_exp2(s: mx.array, m: mx.array) -> mx.array:
+    """``2 ** (s - m)``."""
+    return mx.power(2.0, s - m)
 
 
-_STREAMS: list = []
+def softmax(x: mx.array) -> mx.array:
+    """Softmax over the last axis, in float32 (base-2 exponentials, see :data:`LOG2E`)."""
+    x = x.astype(mx.float32)
+    e = shifted_exp2(x * LOG2E, x.max(axis=-1, keepdims=True) * LOG2E)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+_STREAMS: dict = {}
 
 
 def compute_streams() -> list:
-    """Streams to spread independent work over: two on the CPU (MLX runs an op on one core, so
-    elementwise-heavy work parallelises across streams), one elsewhere."""
-    if not _STREAMS:
-        device = mx.default_device()
-        _STREAMS.append(mx.default_stream(device))
+    """Streams of the default device to spread independent work over: two on the CPU (MLX runs
+    an op on one core, so elementwise-heavy work parallelises across streams), one elsewhere."""
+    device = mx.default_device()
+    key = str(device)
+    if key not in _STREAMS:
+        streams = [mx.default_stream(device)]
         if on_cpu() and (os.cpu_count() or 1) > 1:
-            _STREAMS.append(mx.new_stream(device))
-    return _STREAMS
+            streams.append(mx.new_stream(device))
+        _STREAMS[key] = streams
+    return _STREAMS[key]
 
 
 def split_range(n: int) -> list[tuple[int, int]]:

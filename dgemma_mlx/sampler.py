@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .ops import compute_streams, split_range
+from .ops import LOG2E, compute_streams, fused, split_range
 
 # Inverse-CDF sampling works on blocks of this many vocabulary entries (see `sample_tokens`).
 SAMPLE_BLOCK = 512
@@ -41,14 +41,14 @@ def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> float:
     return float(f(t_min) + f(t_max - t_min) * (f(step) / f(max_steps)))
 
 
-# Compiled: one fused pass instead of four. Full `sampler_step` at V=262144, B*C=256 on the CPU
-# backend: 1.59 s compiled vs 1.77 s not (the exp itself is ~1 s of it). Compiling the whole step
-# was slower (1.9 s vs 1.5 s in one run), and moving the division by T in here gained nothing.
-@mx.compile
+# exp in base 2: on MLX's CPU backend ``power(2, x)`` runs twice as fast as ``exp`` at the same
+# accuracy (see ``ops.LOG2E``). Compiled (fused) on the GPU, plain on the CPU, where MLX's
+# compiled kernels are slower than its plain ops.
+@fused
 def _exp_terms(scaled: mx.array, row_max: mx.array) -> tuple[mx.array, mx.array]:
     # e = exp(z) and e * z with z = scaled - max; z is clamped so that e = 0 gives 0, not nan.
     z = scaled - row_max
-    e = mx.exp(z)
+    e = mx.power(2.0, z * LOG2E)
     return e, e * mx.maximum(z, _F32_MIN)
 
 
