@@ -63,7 +63,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="use this checkpoint directory instead of building one")
     p.add_argument("--cache-dir", default="~/.cache/dgemma-bench", help="where built checkpoints are kept")
     p.add_argument("--layers", type=int, default=None,
-                   help="layer count of the built checkpoint (default: tiny 2, mid 6, real-shape 2)")
+                   help="layer count of the built checkpoint (default: tiny 2, mid 6, real-shape 3)")
     p.add_argument("--impl", default=",".join(ALL_IMPLS), help="implementations to run, comma-separated")
     p.add_argument("--experts", default="auto", choices=["auto", "gather", "grouped", "all"],
                    help="our expert strategy; 'all' also times each strategy's step and prefill")

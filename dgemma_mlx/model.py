@@ -162,7 +162,12 @@ def _attend(q: mx.array, parts: list) -> mx.array:
     B, H, L, D = q.shape
     n_kv = parts[0][0].shape[1]
     rep = H // n_kv
-    q = q * mx.array(LOG2E, q.dtype)  # scores in log2 units: the softmax then uses powers of 2
+    # Scores in log2 units, so the softmax uses powers of 2 (see ops.LOG2E). In float32 the factor
+    # is folded into q; in half precision it is applied to the float32 scores, so q is not rounded
+    # once more.
+    fold = q.dtype == mx.float32
+    if fold:
+        q = q * LOG2E
     outs = []
     for (a, b), stream in zip(split_range(n_kv), compute_streams()):
         with mx.stream(stream):
@@ -170,6 +175,8 @@ def _attend(q: mx.array, parts: list) -> mx.array:
             scores, values = [], []
             for k, v, mask in parts:
                 s = (qg @ k[:, a:b].swapaxes(-1, -2)).astype(mx.float32)
+                if not fold:
+                    s = s * LOG2E
                 if mask is not None:
                     s = (s.reshape(B, b - a, rep, L, -1) + mask).reshape(s.shape)
                 scores.append(s)
