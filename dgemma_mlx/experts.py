@@ -53,9 +53,14 @@ class Experts(nn.Module):
             return self.strategy
         return "grouped" if on_cpu() and not self.quantized else "gather"
 
+    @property
+    def _needs_plain_matmul(self) -> bool:
+        # MLX's CPU gather_mm takes float32 only (its gather_qmm handles every dtype).
+        return on_cpu() and not self.quantized and self.gate_up_proj.weight.dtype != mx.float32
+
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
         """``x`` [N, H], ``idx`` [N, k] expert ids, ``weights`` [N, k] -> weighted sum [N, H]."""
-        if self.resolved_strategy() == "grouped":
+        if self.resolved_strategy() == "grouped" or self._needs_plain_matmul:
             return self._grouped(x, idx, weights)
         y = self._gather(x, idx)
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
@@ -99,12 +104,18 @@ class Experts(nn.Module):
         for start, M, experts in plan.buckets:
             G, rows = len(experts), slice(start, start + len(experts) * M)
             ids = mx.array(experts)
-            a = geglu(self.gate_up_proj(packed[rows].reshape(G, M, -1), ids))
+            a = geglu(self._project(self.gate_up_proj, packed[rows].reshape(G, M, -1), ids))
             a = a * scale[rows].reshape(G, M, 1).astype(a.dtype)
-            outs.append(self.down_proj(a, ids).reshape(G * M, -1))
+            outs.append(self._project(self.down_proj, a, ids).reshape(G * M, -1))
         y = mx.concatenate(outs) if len(outs) > 1 else outs[0]
         token_slots = mx.zeros((flat.size,), mx.int32).at[order].add(slot).reshape(N, k)
         return y[token_slots].sum(axis=1)
+
+    def _project(self, linear: nn.Module, x: mx.array, ids: mx.array) -> mx.array:
+        """``x`` [G, M, in] times expert ``ids[g]``'s weight -> [G, M, out]."""
+        if self._needs_plain_matmul:
+            return x @ linear.weight[ids].swapaxes(-1, -2)
+        return linear(x, ids)
 
 
 def padded_rows(count: int) -> int:

@@ -200,3 +200,16 @@ def test_only_the_routed_experts_weights_are_used(model, rng, strategy):
         experts.strategy = "auto"
     assert np.isfinite(poisoned).all()
     assert np.array_equal(clean, poisoned)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_model_runs_and_stays_close_to_float32(checkpoint, model, rng, dtype):
+    from dgemma_mlx import load
+
+    half, _ = load(checkpoint, dtype=dtype)
+    prompt, canvas, sc = random_case(rng, model, 21)
+    a = our_denoise(model, our_encode(model, [prompt]), canvas, sc)
+    b = our_denoise(half, our_encode(half, [prompt]), canvas, sc)
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert b.dtype == np.float32 and np.isfinite(b).all()
+    assert cosine.mean() > 0.9, cosine.mean()
