@@ -47,3 +47,13 @@ def model(loaded):
 @pytest.fixture(scope="session")
 def tokenizer(loaded):
     return loaded[1]
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """The tiny Gemma-style tokenizer alone (mlx-lm's TokenizerWrapper), without a model."""
+    from mlx_lm.tokenizer_utils import load
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    tiny.write_tokenizer(path)
+    return load(path, eos_token_ids=tiny.EOS_IDS)

@@ -5,23 +5,10 @@ from __future__ import annotations
 import pytest
 
 from dgemma_mlx.channels import ChannelSplitter, Segment
-from tiny import EOS_IDS, write_tokenizer
+from tiny import enc
 
 CHANNEL, END_CHANNEL, TURN = 100, 101, 105
 THOUGHT_TOKEN = 467  # the single vocab token "thought"
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from mlx_lm.tokenizer_utils import load
-
-    path = tmp_path_factory.mktemp("tokenizer")
-    write_tokenizer(path)
-    return load(path, eos_token_ids=EOS_IDS)
-
-
-def enc(tok, text: str) -> list[int]:
-    return tok.encode(text, add_special_tokens=False)
 
 
 def run(tok, *feeds: list[int]) -> tuple[ChannelSplitter, list[Segment]]:

@@ -20,22 +20,9 @@ from dgemma_mlx.render import (
     make_view,
     noise_style,
 )
-from tiny import EOS_IDS, write_tokenizer
+from tiny import enc
 
 ANSI = re.compile(r"\x1b[\[\]()?0-9;]*[A-Za-z]?")
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from mlx_lm.tokenizer_utils import load
-
-    path = tmp_path_factory.mktemp("tokenizer")
-    write_tokenizer(path)
-    return load(path, eos_token_ids=EOS_IDS)
-
-
-def enc(tok, text: str) -> list[int]:
-    return tok.encode(text, add_special_tokens=False)
 
 
 def make_pass(canvas, *, block=0, step=1, accepted=None, entropy=None, mean_entropy=0.5, tps=0.0):

@@ -139,6 +139,11 @@ def write_tokenizer(path: Path, chat_template: str = CHAT_TEMPLATE) -> None:
     (path / "chat_template.jinja").write_text(chat_template)
 
 
+def enc(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 @dataclass
 class TinySpec:
     """Shapes of a tiny checkpoint. Layers follow the real 5 sliding : 1 full pattern."""
