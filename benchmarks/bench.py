@@ -349,7 +349,7 @@ def derive(report: dict) -> None:
     """Add FLOP rates, scaling ratios and cross-implementation ratios to ``report``."""
     shape, results = report["shape"], report["results"]
     mlx_rate = gemm_rate(report["machine"], "mlx")
-    mlx_rate_small = gemm_rate(report["machine"], "mlx", f"256x2816x4096")
+    mlx_rate_small = gemm_rate(report["machine"], "mlx", "256x2816x4096")
     torch_rate = gemm_rate(report["machine"], "torch")
     flops = report["flops"]
     for name, r in results.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from dgemma_mlx.channels import ChannelSplitter, Segment
 from tiny import enc

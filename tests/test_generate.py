@@ -16,7 +16,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 )
 
 from dgemma_mlx import DGemmaError
-from dgemma_mlx.events import CommitEvent, EndEvent, PassEvent
+from dgemma_mlx.events import CommitEvent, PassEvent
 from dgemma_mlx.generate import GenerationSettings, build_prompt, default_settings, generate, stream_generate
 from dgemma_mlx.sampler import sample_tokens, uniform_tokens
 
