@@ -31,6 +31,10 @@ from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from workers import openblas_loaded  # noqa: E402  (benchmarks/workers.py)
+
 ALL_IMPLS = ("ours", "transformers", "mlx-vlm")
 PHASES = ("prefill", "step", "commit", "e2e")
 BENCH_VERSION = 1
@@ -98,14 +102,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------ preload
-def openblas_mapped() -> Optional[bool]:
-    try:
-        with open("/proc/self/maps") as f:
-            return "libopenblas" in f.read()
-    except OSError:
-        return None
-
-
 def find_openblas() -> Optional[str]:
     for c in OPENBLAS_CANDIDATES:
         if os.path.exists(c):
@@ -119,7 +115,7 @@ def maybe_reexec_with_openblas(args: argparse.Namespace, say) -> None:
     preloaded (once), unless it already is or ``--no-preload`` was given."""
     if not sys.platform.startswith("linux") or args.no_preload or os.environ.get("DGEMMA_BENCH_REEXEC"):
         return
-    if "openblas" in os.environ.get("LD_PRELOAD", "") or openblas_mapped():
+    if "openblas" in os.environ.get("LD_PRELOAD", "") or openblas_loaded():
         return
     lib = find_openblas()
     if lib is None:
@@ -268,7 +264,7 @@ def machine_info(args) -> dict:
     return {
         "platform": platform.platform(), "machine": platform.machine(), "cpu": cpu_name(),
         "cpu_count": os.cpu_count(), "cores_available": cores, "memory_gb": total_memory_gb(),
-        "versions": versions(), "openblas_preloaded": bool(openblas_mapped()) if sys.platform.startswith("linux") else None,
+        "versions": versions(), "openblas_preloaded": bool(openblas_loaded()) if sys.platform.startswith("linux") else None,
         "ld_preload": os.environ.get("LD_PRELOAD") or None, "loadavg_start": _loadavg(), "git": git_state(),
     }
 
@@ -582,7 +578,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     maybe_reexec_with_openblas(args, console.print)
     started = time.perf_counter()
 
-    sys.path.insert(0, str(HERE))
     from checkpoints import ensure_checkpoint
 
     if args.checkpoint:

@@ -90,9 +90,19 @@ def mlx_gemm_probe(n: int = 2048) -> float:
     return _rate(lambda: mx.eval(a @ b), 2.0 * n**3, runs=3)["best_gflops"]
 
 
-class Ours(Impl):
-    name = "ours"
+class MlxImpl(Impl):
+    """An MLX implementation: ``self.mx`` is ``mlx.core``."""
+
     is_mlx = True
+
+    def make_sc(self, logits):
+        sc = logits * (1.0 / SC_TEMPERATURE)
+        self.mx.eval(sc)
+        return sc
+
+
+class Ours(MlxImpl):
+    name = "ours"
 
     def __init__(self, checkpoint: str, task: dict):
         import mlx.core as mx
@@ -132,11 +142,6 @@ class Ours(Impl):
         logits = self.model.denoise(ctx, cache, sc)
         self.mx.eval(logits)
         return logits
-
-    def make_sc(self, logits):
-        sc = logits * (1.0 / SC_TEMPERATURE)
-        self.mx.eval(sc)
-        return sc
 
     def to_numpy(self, logits):
         return np.array(logits[0])
@@ -182,9 +187,8 @@ class _NeverStop:
         pass
 
 
-class MlxVlm(Impl):
+class MlxVlm(MlxImpl):
     name = "mlx-vlm"
-    is_mlx = True
     PREFILL_STEP = 2048  # mlx-vlm's default prefill step size
 
     def __init__(self, checkpoint: str, task: dict):
@@ -242,11 +246,6 @@ class MlxVlm(Impl):
         logits = self.model.diffusion_decoder_logits(canvas, cache["c"], sc_in, masks)
         self.mx.eval(logits)
         return logits
-
-    def make_sc(self, logits):
-        sc = logits * (1.0 / SC_TEMPERATURE)
-        self.mx.eval(sc)
-        return sc
 
     def to_numpy(self, logits):
         return np.array(logits[0].astype(self.mx.float32))
