@@ -64,11 +64,11 @@ class Router(nn.Module):
         h = rms_norm_noscale(x, self.eps) * self.scale * self.root_size
         probs = mx.softmax(self.proj(h).astype(mx.float32), axis=-1)
         k = self.top_k
-        idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+        idx = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])
         w = mx.take_along_axis(probs, idx, axis=-1)
         w = w / w.sum(axis=-1, keepdims=True)
         w = w * self.per_expert_scale[idx].astype(mx.float32)
-        return mx.stop_gradient(idx.astype(mx.uint32)), w
+        return idx.astype(mx.uint32), w
 
 
 class Attention(nn.Module):
@@ -134,7 +134,7 @@ class Attention(nn.Module):
         The prefix is read in place: it is never concatenated with the canvas keys."""
         q, k, v = self._qkv(x, offset)
         prefix = cache.prefix() if cache is not None else None
-        parts = [(k, v, None)] if prefix is None else [(*prefix, None), (k, v, None)]
+        parts = [(k, v, None)] if prefix is None else [(*prefix, cache.prefix_mask()), (k, v, None)]
         return self._out(_attend(q, parts))
 
 
@@ -154,7 +154,8 @@ def _causal_mask(L: int, kept: int, window: Optional[int], prefix_only: bool = F
 
 def _attend(q: mx.array, parts: list) -> mx.array:
     """Attention (scale 1.0) of q [B, H, L, D] over key/value parts [B, kv, K_i, D] with optional
-    additive masks [L, K_i]: one softmax across all parts, computed without concatenating them.
+    additive masks [L, K_i] (or [B, 1, 1, L, K_i] per row): one softmax across all parts, computed
+    without concatenating them.
 
     Query heads share key/value heads in groups (GQA, kv-major). Groups of kv heads are spread
     over :func:`compute_streams` (on the CPU, MLX runs each op on one core).
@@ -320,12 +321,20 @@ class Model(nn.Module):
         step = chunk_size or self.encode_chunk_size
         for start in range(0, ids.shape[1], step):
             chunk = ids[:, start : start + step]
-            h = self._embed(chunk)
-            offset = cache.offset
-            for layer, c in zip(self.layers, cache.layers):
-                h = layer(h, c, offset, encode=True)
+            self.encoder_pass(chunk, cache.layers, cache.offset)
             cache.advance(chunk.shape[1])
             mx.eval(cache.arrays())
+
+    def encoder_pass(self, ids: mx.array, layer_caches: list, offset: int) -> mx.array:
+        """One causal pass of ``ids`` (int [B, L]) at positions ``offset...``, appending to each of
+        ``layer_caches``; returns the last hidden states [B, L, H] (before the final norm).
+
+        :meth:`encode` drives it over a :class:`PrefixCache`; training gives it recording caches
+        so the encoder's keys/values and hidden states stay in the autodiff graph."""
+        h = self._embed(ids)
+        for layer, c in zip(self.layers, layer_caches):
+            h = layer(h, c, offset, encode=True)
+        return h
 
     def denoise(
         self,
@@ -334,12 +343,15 @@ class Model(nn.Module):
         self_conditioning_logits: Optional[mx.array] = None,
         *,
         self_conditioning_probs: Optional[mx.array] = None,
+        self_conditioning_mask: Optional[mx.array] = None,
     ) -> mx.array:
         """Logits (float32 [B, C, V], soft-capped) for ``canvas`` (int [B, C]) placed after the cache.
 
         ``self_conditioning_logits`` are the previous step's temperature-scaled logits [B, C, V]
         (None on a canvas's first step). ``self_conditioning_probs`` may be given instead: their
-        softmax, when the caller already has it. The cache is not modified.
+        softmax, when the caller already has it. ``self_conditioning_mask`` (bool [B]) zeroes the
+        signal of the rows where it is False (training: self-conditioning per example). The cache is
+        not modified; its ``offset`` may be an int array [B] (one canvas position per row).
         """
         if canvas.ndim == 1:
             canvas = canvas[None]
@@ -351,6 +363,8 @@ class Model(nn.Module):
             self_conditioning_probs = rows_in_parallel(softmax, sc)
         if self_conditioning_probs is not None:
             soft = self.soft_embedding(self_conditioning_probs)
+            if self_conditioning_mask is not None:
+                soft = soft * self_conditioning_mask.astype(soft.dtype)[:, None, None]
         h = self.self_conditioning(h, soft)
         offset = cache.offset
         for layer, c in zip(self.layers, cache.layers):
