@@ -246,6 +246,9 @@ def convert(
     err.print(f"Wrote {out} ({size / 2**30:.2f} GiB)")
 
 
+from . import train_cli  # noqa: E402,F401  (registers `train` and `fuse`)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 bad input, 2 usage, 130 Ctrl-C)."""
     try:

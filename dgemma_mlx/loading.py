@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .adapters import load_adapters, untie_for_weights
 from .config import ModelArgs
 from .errors import DGemmaError
 from .model import Model
@@ -179,6 +180,7 @@ def load_model(
     args = ModelArgs.from_config(load_config(model_path))
     model = Model(args)
     weights = model.sanitize(load_safetensors(weight_files(model_path)))
+    untie_for_weights(model, weights)
     quantize_like(model, weights, args.quantization)
     apply_weights(model, weights, dtype)
     if not lazy:
@@ -206,14 +208,22 @@ def load_tokenizer(model_path: Path, eos_token_ids: Optional[list[int]] = None):
         raise DGemmaError(f"{model_path}: cannot load the tokenizer: {reason}")
 
 
-def load(path_or_repo: Union[str, Path], dtype: Optional[Union[str, mx.Dtype]] = None):
+def load(
+    path_or_repo: Union[str, Path],
+    dtype: Optional[Union[str, mx.Dtype]] = None,
+    adapter_path: Optional[Union[str, Path]] = None,
+):
     """Load ``(model, tokenizer)`` from a local directory or a Hugging Face repo id.
 
     ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"`` or an ``mx.Dtype``) casts the float
-    weights; None keeps the checkpoint's dtype. The model carries ``model.path`` and
-    ``model.generation_config`` (the checkpoint's ``generation_config.json``, nulls dropped).
+    weights; None keeps the checkpoint's dtype. ``adapter_path``: LoRA adapters (``dgemma train``)
+    to apply. The model carries ``model.path`` and ``model.generation_config`` (the checkpoint's
+    ``generation_config.json``, nulls dropped).
     """
     model, model_path = load_model(path_or_repo, dtype)
+    if adapter_path is not None:
+        load_adapters(model, Path(adapter_path))
+        model.eval()
     eos = model.generation_config.get("eos_token_id", model.args.eos_token_ids)
     eos = eos if isinstance(eos, list) else [eos]
     model.args.eos_token_ids = [int(e) for e in eos]

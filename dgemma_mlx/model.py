@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
+from .adapters import encoding_pass
 from .cache import FullAttentionCache, PrefixCache, SlidingWindowCache
 from .config import FULL, SLIDING, ModelArgs
 from .experts import Experts
@@ -209,7 +210,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(args, layer)
         self.mlp = MLP(H, args.intermediate_size)
         self.router = Router(args)
-        self.experts = Experts(H, args.moe_intermediate_size, args.num_experts)
+        self.experts = Experts(H, args.moe_intermediate_size, args.num_experts, args.top_k_experts)
         self.input_layernorm = nn.RMSNorm(H, eps=eps)
         self.post_attention_layernorm = nn.RMSNorm(H, eps=eps)
         self.pre_feedforward_layernorm = nn.RMSNorm(H, eps=eps)
@@ -331,9 +332,10 @@ class Model(nn.Module):
 
         :meth:`encode` drives it over a :class:`PrefixCache`; training gives it recording caches
         so the encoder's keys/values and hidden states stay in the autodiff graph."""
-        h = self._embed(ids)
-        for layer, c in zip(self.layers, layer_caches):
-            h = layer(h, c, offset, encode=True)
+        with encoding_pass():
+            h = self._embed(ids)
+            for layer, c in zip(self.layers, layer_caches):
+                h = layer(h, c, offset, encode=True)
         return h
 
     def denoise(

@@ -178,11 +178,15 @@ def block_diffusion_loss(
     L = input_ids.shape[1]
     targets, cut = canvas_targets(input_ids, response_mask, block_index, C, eos_id)
 
+    if not encoder_weight:
+        # Without the encoder loss only the tokens before the last block start are needed.
+        L = max(int(cut.max().item()), 1)
+        input_ids = input_ids[:, :L]
     recorders = [_Recorder() for _ in model.layers]
     hidden = model.encoder_pass(input_ids, recorders, 0)
-    valid = attention_mask.astype(mx.bool_)
-    pairs = valid[:, :-1] & valid[:, 1:]
     if encoder_weight:
+        valid = attention_mask.astype(mx.bool_)
+        pairs = valid[:, :-1] & valid[:, 1:]
         enc_logits = model.logits(hidden[:, :-1])
         encoder_loss = cross_entropy(enc_logits, input_ids[:, 1:], pairs)
     else:
