@@ -12,7 +12,7 @@ the JSON Lines writer, the chat REPL) never touch MLX arrays.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class PassEvent:
         elapsed: seconds since the generation started (prefill included).
         tokens_per_second: committed tokens so far divided by the time spent generating (0 before
             the first commit).
+        pinned: per position, True where the token is pinned (fixed by the caller: always
+            accepted, never changed); None when nothing in this block is pinned. ``mean_entropy``
+            is then the mean over the free positions only.
     """
 
     block: int
@@ -46,6 +49,7 @@ class PassEvent:
     stopped: bool
     elapsed: float
     tokens_per_second: float = 0.0
+    pinned: Optional[list[bool]] = None
     type: Literal["pass"] = "pass"
 
     @property
