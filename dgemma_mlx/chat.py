@@ -28,7 +28,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 from contextlib import closing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ import mlx.core as mx
 from .channels import ChannelSplitter, channel_ids
 from .errors import DGemmaError
 from .events import CommitEvent, EndEvent, Event, GenerationStats
+from .files import atomic_write_text
 from .generate import GenerationSettings, default_settings, render_chat, stream_generate
 
 __all__ = [
@@ -392,26 +392,7 @@ class ChatSession:
         """Write the transcript as JSON, atomically (a temporary file, then ``os.replace``)."""
         path = Path(path).expanduser()
         data = json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n"
-        directory = path.parent if str(path.parent) else Path(".")
-        if path.is_dir():
-            raise DGemmaError(f"cannot save to '{path}': it is a directory")
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            tmp = None
-        except OSError as e:
-            raise DGemmaError(f"cannot save to '{path}': {e.strerror or e}")
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+        atomic_write_text(path, data, what="save to")
         return path
 
     def load(self, path: PathLike) -> None:

@@ -1,4 +1,4 @@
-"""The ``dgemma`` command line: ``generate``, ``chat`` and ``convert``.
+"""The ``dgemma`` command line: ``generate``, ``chat``, ``convert`` (and ``infill``/``edit``, in cli_infill).
 
 The CLI parses arguments, calls the library and renders; everything it does is reachable from
 Python (:func:`dgemma_mlx.load`, :func:`dgemma_mlx.generate.stream_generate`,
@@ -244,6 +244,9 @@ def convert(
         )
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     err.print(f"Wrote {out} ({size / 2**30:.2f} GiB)")
+
+
+from . import cli_infill  # noqa: E402,F401  (registers `infill` and `edit`)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -160,6 +160,7 @@ def stream_generate(
     warm_start: Optional[Sequence[Optional[int]]] = None,
     pinned: Optional[Sequence[Optional[int]]] = None,
     stop_at_eos: bool = True,
+    score: bool = False,
     **overrides: Any,
 ) -> Iterator[Event]:
     """Generate from ``prompt`` and yield a :class:`PassEvent` per denoising pass, a
@@ -179,6 +180,7 @@ def stream_generate(
             accepted, outside the entropy bound and the stop rule's mean entropy.
         stop_at_eos: False commits whole blocks whatever EOS tokens they hold and generates every
             block (infilling, where EOS fill is pinned).
+        score: give every :class:`PassEvent` the ``logprob`` of its argmax tokens.
 
     With neither ``warm_start`` nor ``pinned`` the output is that of earlier versions, bit for bit
     under the same seed.
@@ -221,7 +223,7 @@ def stream_generate(
         block_warm, block_pins = (_block_slice(x, block, C) for x in (warm, pins))
         canvas = initial_canvas((1, C), V, init_key, warm_start=block_warm, pinned=block_pins)
         pin_mask = None if block_pins is None else (np.array(block_pins[0]) >= 0).tolist()
-        for p in refine_block(model, cache, canvas, settings=settings, key=key, pinned=block_pins):
+        for p in refine_block(model, cache, canvas, settings=settings, key=key, pinned=block_pins, score=score):
             elapsed = time.perf_counter() - start
             yield PassEvent(
                 block=block,
@@ -236,6 +238,7 @@ def stream_generate(
                 elapsed=elapsed,
                 tokens_per_second=len(out) / max(time.perf_counter() - gen_start, 1e-9),
                 pinned=pin_mask,
+                logprob=None if p.logprob is None else p.logprob[0].tolist(),
             )
         key, argmax, steps = p.key, p.argmax, p.step
         steps_total += steps
