@@ -296,3 +296,16 @@ def test_stopped_rows_leave_the_batch(model, tokenizer, prompt, monkeypatch):
     settings = default_settings(model).update(steps=4)
     last = refine(model, cache, canvas, settings=settings, key=keys, pinned=pins)
     assert rows == [3, 2, 2, 2] and last.passes.tolist() == [4, 1, 4]
+
+
+def test_scores_are_log_probabilities_of_the_argmax_at_temperature_one(model, tokenizer, prompt):
+    C, V = model.args.canvas_length, model.args.vocab_size
+    cache = model.make_cache()
+    model.encode(mx.array(prompt)[None], cache)
+    canvas = initial_canvas((1, C), V, mx.random.key(0))
+    first = next(refine_block(model, cache, canvas, settings=default_settings(model).update(steps=3),
+                              key=mx.random.key(1), score=True))
+    logits = np.array(model.denoise(canvas, cache), dtype=np.float64)[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    expected = logp[np.arange(C), np.array(first.argmax)[0]]
+    assert np.allclose(np.array(first.logprob)[0], expected, atol=1e-5)
