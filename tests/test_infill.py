@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 
-import mlx.core as mx
 import numpy as np
 import pexpect
 import pytest
@@ -28,6 +27,7 @@ from dgemma_mlx.infill import (
     stream_edit,
     stream_infill,
 )
+from tiny import DenoiseSpy
 
 FAST = dict(steps=3, seed=1)
 EOS = 1  # the tiny tokenizer's <eos>
@@ -125,18 +125,9 @@ def test_chat_mode_asks_for_the_text_with_its_gaps(model, tokenizer):
 def test_edit_warm_starts_from_the_current_lines_and_keeps_the_rest(model, tokenizer):
     text = "first line\nthe sky is blue\nlast line\n"
     current = words(tokenizer, "the sky is blue")
-    seen = []
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(model, name)
-
-        def denoise(self, canvas, cache, *a, **kw):
-            seen.append(np.array(canvas)[0].tolist())
-            return model.denoise(canvas, cache, *a, **kw)
-
-    end = edit(Spy(), tokenizer, text, (2, 2), **FAST)
-    assert seen[0][: len(current)] == current
+    spy = DenoiseSpy(model)
+    end = edit(spy, tokenizer, text, (2, 2), **FAST)
+    assert spy.canvases[0][: len(current)] == current
     assert end.text.startswith("first line\n") and end.text.endswith("\nlast line\n")
     assert end.text == "first line\n" + end.fills[0] + "\nlast line\n"
 

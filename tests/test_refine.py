@@ -33,6 +33,7 @@ from dgemma_mlx.events import PassEvent, event_to_json
 from dgemma_mlx.generate import build_prompt, default_settings, generate, stream_generate
 from dgemma_mlx.refine import initial_canvas, refine, refine_block
 from dgemma_mlx.sampler import sample_tokens, sampler_step, uniform_tokens
+from tiny import DenoiseSpy
 
 # Recorded with the code before pins existed (commit 84d848d), prompt "Why is the sky blue?"
 # through the chat template: the final tokens, and a digest of every pass's (argmax, accepted).
@@ -88,20 +89,11 @@ def pin_pattern(C: int, n: int, offset: int = 0) -> list:
 def test_pinned_tokens_are_in_every_canvas_the_model_reads_every_pass_and_the_result(model, tokenizer, prompt):
     C = model.args.canvas_length
     pins = pin_pattern(C, 2 * C)
-    seen = []
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(model, name)
-
-        def denoise(self, canvas, cache, *a, **kw):
-            seen.append(np.array(canvas)[0].tolist())
-            return model.denoise(canvas, cache, *a, **kw)
-
-    events = list(stream_generate(Spy(), tokenizer, prompt, steps=5, max_new_tokens=2 * C, seed=1, pinned=pins))
+    spy = DenoiseSpy(model)
+    events = list(stream_generate(spy, tokenizer, prompt, steps=5, max_new_tokens=2 * C, seed=1, pinned=pins))
     passes = passes_of(events)
-    assert len(seen) == len(passes) == 10
-    for canvas, p in zip(seen, passes):
+    assert len(spy.canvases) == len(passes) == 10
+    for canvas, p in zip(spy.canvases, passes):
         block_pins = pins[p.block * C : (p.block + 1) * C]
         for i, t in enumerate(block_pins):
             if t is not None:
@@ -309,3 +301,13 @@ def test_scores_are_log_probabilities_of_the_argmax_at_temperature_one(model, to
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
     expected = logp[np.arange(C), np.array(first.argmax)[0]]
     assert np.allclose(np.array(first.logprob)[0], expected, atol=1e-5)
+
+
+def test_a_chat_reply_can_pin_tokens(model, tokenizer):
+    from dgemma_mlx.chat import ChatSession
+
+    session = ChatSession(model, tokenizer, settings=default_settings(model).update(steps=3, seed=2, max_new_tokens=16))
+    events = list(session.send("Hi", pinned=[None, 300, None, 301]))
+    for p in passes_of(events):
+        assert p.canvas[1] == 300 and p.canvas[3] == 301
+    assert session.messages[-1]["role"] == "assistant"
