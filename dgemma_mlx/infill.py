@@ -277,12 +277,14 @@ def stream_edit(
     instruction: Optional[str] = None,
     length: Optional[int] = None,
     system: Optional[str] = None,
+    warm: bool = True,
     **settings: Any,
 ) -> Iterator[Event]:
     """Rewrite lines ``lines`` = (A, B) (1-based, inclusive) of ``text``: one hole over them
     (their final line break stays pinned), warm-started from their current tokens; the rest of
     the text is pinned. With an ``instruction`` the chat template asks for that change. ``length``
-    sets the hole's tokens (default: as many as the lines have now). Yields like
+    sets the hole's tokens (default: as many as the lines have now). ``warm=False`` starts the
+    hole from noise instead (to measure what the warm start saves). Yields like
     :func:`stream_infill`; the :class:`InfillEnd`'s ``text`` is the whole edited text."""
     all_lines = text.splitlines(keepends=True)
     a, b = lines
@@ -303,7 +305,7 @@ def stream_edit(
             open="<<<", close=">>>", instruction=instruction.strip(), text=f"{before}<<<{body}>>>{after}"
         )
     plan = plan_infill(model, tokenizer, [before, after], [n], chat=instruction is not None, system=system,
-                       request=request, warm=[current])
+                       request=request, warm=[current] if warm else None)
     for event in run_plan(model, tokenizer, plan, **settings):
         yield replace(event, fill_length=n) if isinstance(event, InfillEnd) else event
 

@@ -283,3 +283,18 @@ def test_terminal_infill_shows_the_passes_then_the_filled_text(checkpoint, model
     assert child.exitstatus == 0, out
     assert re.search(r"block 1 · step \d/3", out)
     assert expected in out[out.rindex("step"):]
+
+
+def test_a_cold_edit_starts_the_hole_from_noise(model, tokenizer):
+    text = "first line\nthe sky is blue\nlast line\n"
+    current = words(tokenizer, "the sky is blue")
+    spy = DenoiseSpy(model)
+    cold = edit(spy, tokenizer, text, (2, 2), warm=False, **FAST)
+    assert spy.canvases[0][: len(current)] != current
+    assert cold.text.endswith("\nlast line\n") and cold.stats.steps >= 1
+
+
+def test_a_text_may_start_with_a_hole(model, tokenizer):
+    end = infill(model, tokenizer, "<|fill:3|> is blue", **FAST)
+    assert end.text == end.fills[0] + " is blue"
+    assert plan_infill(model, tokenizer, ["", " is blue"], [3]).prompt == [tokenizer.bos_token_id]

@@ -311,3 +311,22 @@ def test_a_chat_reply_can_pin_tokens(model, tokenizer):
     for p in passes_of(events):
         assert p.canvas[1] == 300 and p.canvas[3] == 301
     assert session.messages[-1]["role"] == "assistant"
+
+
+def test_refinement_waits_for_the_device_once_per_pass(model, tokenizer, prompt, monkeypatch):
+    import dgemma_mlx.refine as refine_module
+
+    cache, canvas, pins, keys = batch_setup(model, tokenizer, prompt)
+    waits = []
+
+    class CountingMx:
+        def __getattr__(self, name):
+            return getattr(mx, name)
+
+        def eval(self, *arrays):
+            waits.append(len(arrays))
+            return mx.eval(*arrays)
+
+    monkeypatch.setattr(refine_module, "mx", CountingMx())
+    last = refine(model, cache, canvas, settings=default_settings(model).update(steps=4), key=keys, pinned=pins)
+    assert len(waits) == last.step == 4
