@@ -1,4 +1,4 @@
-"""The ``dgemma`` command line: ``generate``, ``chat`` and ``convert``.
+"""The ``dgemma`` command line: ``generate``, ``chat``, ``convert`` (and ``infill``/``edit``, in cli_infill).
 
 The CLI parses arguments, calls the library and renders; everything it does is reachable from
 Python (:func:`dgemma_mlx.load`, :func:`dgemma_mlx.generate.stream_generate`,
@@ -246,7 +246,7 @@ def convert(
     err.print(f"Wrote {out} ({size / 2**30:.2f} GiB)")
 
 
-from . import train_cli  # noqa: E402,F401  (registers `train` and `fuse`)
+from . import cli_infill, train_cli  # noqa: E402,F401  (register `infill`, `edit`, `train`, `fuse`)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
