@@ -246,7 +246,7 @@ def convert(
     err.print(f"Wrote {out} ({size / 2**30:.2f} GiB)")
 
 
-from . import cli_infill, train_cli  # noqa: E402,F401  (register `infill`, `edit`, `train`, `fuse`)
+from . import cli_infill, cli_sudoku, train_cli  # noqa: E402,F401  (register infill, edit, sudoku, models, train, fuse)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .adapters import load_adapters, untie_for_weights
+from .bundled import bundled_path
 from .config import ModelArgs
 from .errors import DGemmaError
 from .model import Model
@@ -40,6 +41,9 @@ def resolve_model_path(path_or_repo: Union[str, Path], *, weights: bool = True) 
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    bundled = bundled_path(name)
+    if bundled is not None:
+        return bundled
     if path.exists():
         raise DGemmaError(f"model path '{name}' is a file, not a checkpoint directory")
     if not looks_like_repo_id(name):

@@ -197,8 +197,49 @@ def decode(tokens: Sequence[int]) -> list[int]:
     return [token_digit(t, i) for i, t in enumerate(tokens[:81])]
 
 
+def check_model(model) -> None:
+    if model.args.canvas_length != 81 or model.args.vocab_size < FIRST_CELL_TOKEN + 729:
+        raise DGemmaError("this model is not a Sudoku model (it needs an 81-token canvas of cell tokens; try --model sudoku)")
+
+
+def stream_solve(model, tokenizer, board: Sequence[int], **overrides):
+    """Events of solving ``board`` (:func:`~dgemma_mlx.generate.stream_generate` with the givens
+    pinned after a BOS-only prompt); the final event's ``tokens`` decode with :func:`decode`."""
+    from .generate import stream_generate
+
+    check_model(model)
+    overrides.setdefault("max_new_tokens", 81)
+    return stream_generate(model, tokenizer, [tokenizer.bos_token_id], pinned=pins(board), stop_at_eos=False, **overrides)
+
+
 @dataclass
 class Solve:
     board: list[int]
     valid: bool
     passes: int
+
+
+def solve_batch(model, tokenizer, boards: Sequence[Sequence[int]], *, settings, seed: int = 0) -> list[Solve]:
+    """Solve many puzzles at once (one batch of canvases after one shared BOS); each row draws
+    what a one-puzzle run with its own key would."""
+    import mlx.core as mx
+
+    from .refine import initial_canvas, refine
+
+    check_model(model)
+    cache = model.make_cache()
+    model.encode(mx.array([[tokenizer.bos_token_id]]), cache)
+    B = len(boards)
+    pinned = mx.array([[t if t is not None else -1 for t in pins(b)] for b in boards], dtype=mx.int32)
+    key = mx.random.split(mx.random.key(seed), B)
+    init_keys = mx.random.split(mx.random.key(seed + 1), B)
+    canvas = mx.concatenate(
+        [initial_canvas((1, 81), model.args.vocab_size, init_keys[i], pinned=pinned[i : i + 1]) for i in range(B)]
+    )
+    last = refine(model, cache, canvas, settings=settings, key=key, pinned=pinned)
+    argmax = last.argmax.tolist()
+    out = []
+    for b, row, n in zip(boards, argmax, last.passes.tolist()):
+        solved = decode(row)
+        out.append(Solve(solved, is_solution(solved, b), int(n)))
+    return out
