@@ -275,7 +275,7 @@ def serve(
         mdl, tok = load_with_adapter(name, adapter)
     run_server(
         mdl, tok, host=host, port=port, model_id=served_name or name, api_key=api_key, max_queue=max_queue,
-        cache_bytes=int(cache_gb * 2**30), on_ready=lambda url: err.print(f"Serving {served_name or name} at {url}"),
+        cache_bytes=int(cache_gb * 2**30), on_ready=lambda url: err.print(f"Serving {served_name or name} at {url}", soft_wrap=True, markup=False),
     )
 
 
