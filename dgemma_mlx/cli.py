@@ -1,4 +1,4 @@
-"""The ``dgemma`` command line: ``generate``, ``chat``, ``convert`` and ``serve``.
+"""The ``dgemma`` command line: ``generate``, ``chat``, ``convert``, ``serve`` (and ``infill``/``edit``, in cli_infill).
 
 The CLI parses arguments, calls the library and renders; everything it does is reachable from
 Python (:func:`dgemma_mlx.load`, :func:`dgemma_mlx.generate.stream_generate`,
@@ -287,6 +287,9 @@ def load_with_adapter(name: str, adapter: str):
     if "adapter_path" not in inspect.signature(load).parameters:
         raise DGemmaError("--adapter needs adapter support in dgemma_mlx.load, which this build lacks")
     return load(name, adapter_path=adapter)
+
+
+from . import cli_infill  # noqa: E402,F401  (registers `infill` and `edit`)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
