@@ -24,6 +24,7 @@ from dgemma_mlx.chat import ChatSession
 from dgemma_mlx.cli import main
 from dgemma_mlx.events import CommitEvent
 from dgemma_mlx.generate import build_prompt, default_settings, generate, render_chat, stream_generate
+from dgemma_mlx.infill import infill
 from dgemma_mlx.serve import bind
 from serving import GatedModel, ServerProcess, ServerThread, post, sse_chunks, wait_until
 
@@ -148,6 +149,24 @@ def test_completion_streams_text_chunks(client, model_id):
                                             extra_body=FAST, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_completion_with_suffix_is_the_infill_of_the_hole(client, model_id, model, tokenizer):
+    prompt, suffix = "def area(r):\n    return ", "\n\nprint(area(2))"
+    reply = client.completions.create(model=model_id, prompt=prompt, suffix=suffix, seed=2, max_tokens=8,
+                                      extra_body=FAST)
+    direct = infill(model, tokenizer, prompt + "<|fill|>" + suffix, fill_length=8, seed=2, steps=3)
+    assert reply.choices[0].text == direct.fills[0]
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(prompt)) and reply.usage.completion_tokens <= 8
+    assert reply.usage.passes == direct.stats.steps
+    chunks = list(client.completions.create(model=model_id, prompt=prompt, suffix=suffix, seed=2, max_tokens=8,
+                                            extra_body=FAST, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == direct.fills[0]
+
+
+def test_a_suffix_with_a_fill_marker_is_a_400(server, model_id):
+    r = post(server.base_url + "/completions", {"model": model_id, "prompt": "a", "suffix": "b <|fill|> c"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
 
 
 def test_stop_string_ends_the_answer_before_it(client, model_id, model, tokenizer):

@@ -28,6 +28,7 @@ from starlette.routing import Route
 from ..errors import DGemmaError
 from ..events import CommitEvent, EndEvent, PassEvent
 from ..generate import default_settings, render_chat
+from ..infill import DEFAULT_FILL_LENGTH, HOLE, plan_infill, stream_infill
 from . import protocol
 from .protocol import APIError, ChatRequest, CompletionRequest, GenerationRequest, ResponseShape
 from .reply import Delta, Reply
@@ -130,12 +131,36 @@ class _Server:
         self._authorize(request)
         req = protocol.parse_completion(await _json(request), self.model_id, self.defaults)
         if req.suffix is not None:
-            raise protocol.bad_request("'suffix' (infilling) is not supported by this build", "suffix")
+            return await self._infill(request, req)
         ids = req.prompt if isinstance(req.prompt, list) else await run_in_threadpool(self.tokenizer.encode, req.prompt)
         vocab = int(self.model.args.vocab_size)
         if any(t >= vocab for t in ids):
             raise protocol.bad_request(f"'prompt' has token ids outside the vocabulary of {vocab}", "prompt")
         return await self._respond(request, req, list(ids), len(ids) - 1, chat=False)
+
+    async def _infill(self, request: Request, req: CompletionRequest) -> Response:
+        """``prompt`` + hole + ``suffix`` (:func:`dgemma_mlx.infill.stream_infill`); the answer is
+        the hole's fill, of ``max_tokens`` tokens at most (default: infill's)."""
+        plan = await run_in_threadpool(self._infill_plan, req)
+        text = f"{req.prompt}<|fill|>{req.suffix}"
+        length = plan.holes[0][1] - plan.holes[0][0]
+
+        def events(model, tokenizer):
+            return stream_infill(model, tokenizer, text, fill_length=length, settings=req.settings)
+
+        return await self._respond(request, req, plan.prompt, 0, chat=False, events=events, fill=plan.holes[0])
+
+    def _infill_plan(self, req: CompletionRequest):
+        if not isinstance(req.prompt, str):
+            raise protocol.bad_request("'suffix' needs a text prompt", "prompt")
+        for name, text in (("prompt", req.prompt), ("suffix", req.suffix)):
+            if HOLE.search(text):
+                raise protocol.bad_request(f"'{name}' must not contain a <|fill|> marker", name)
+        length = req.max_tokens or DEFAULT_FILL_LENGTH
+        try:
+            return plan_infill(self.model, self.tokenizer, [req.prompt, req.suffix], [length])
+        except DGemmaError as e:
+            raise protocol.bad_request(str(e), "suffix", code="context_length_exceeded" if "context" in str(e) else None)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -160,7 +185,10 @@ class _Server:
             n += 1
         return ids, min(n, len(ids) - 1)
 
-    async def _respond(self, request: Request, req: GenerationRequest, ids: list[int], split: int, *, chat: bool):
+    async def _respond(
+        self, request: Request, req: GenerationRequest, ids: list[int], split: int, *, chat: bool,
+        events=None, fill: Optional[tuple[int, int]] = None,
+    ) -> Response:
         if not ids:
             raise protocol.bad_request("the prompt is empty", "prompt")
         if len(ids) + self.canvas > self.context:
@@ -169,8 +197,8 @@ class _Server:
                 f"tokens and a reply needs room for one {self.canvas}-token block",
                 "messages" if chat else "prompt", code="context_length_exceeded",
             )
-        run = _Run(self.tokenizer, self.model, req, chat=chat)
-        job = Job(ids, split, req.settings, run.on_event, drafts=req.include_drafts)
+        run = _Run(self.tokenizer, self.model, req, chat=chat, fill=fill)
+        job = Job(ids, split, req.settings, run.on_event, drafts=req.include_drafts, events=events)
         try:
             self.worker.submit(job)
         except QueueFull as e:
@@ -202,9 +230,9 @@ class _Run:
     """One request's side of a job: turns worker events (on the worker thread) into
     :class:`Delta` s for the event loop, and the loop's side that sends them."""
 
-    def __init__(self, tokenizer, model, req: GenerationRequest, *, chat: bool):
+    def __init__(self, tokenizer, model, req: GenerationRequest, *, chat: bool, fill=None):
         self.req = req
-        self.reply = Reply(tokenizer, chat=chat, stops=req.stop, eos_ids=model.args.eos_token_ids)
+        self.reply = Reply(tokenizer, chat=chat, stops=req.stop, eos_ids=model.args.eos_token_ids, fill=fill)
         self.loop = asyncio.get_running_loop()
         self.items: asyncio.Queue = asyncio.Queue()
         self.started: Optional[Started] = None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 import mlx.core as mx
 
@@ -69,6 +69,9 @@ class Job:
         on_event: called on the worker thread with :class:`Started`, the generation's events
             (:class:`PassEvent` s only when ``drafts``) and, last, :class:`Finished`.
         drafts: deliver a :class:`PassEvent` per pass.
+        events: ``events(model, tokenizer)`` -> the events of a generation that runs in a cache of
+            its own (infilling), instead of :func:`stream_generate` continuing the shared cache
+            (``split`` is then unused).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class Job:
         on_event: Callable[[JobEvent], None],
         *,
         drafts: bool = False,
+        events: Optional[Callable[[Any, Any], Iterator[Event]]] = None,
     ):
         if not 0 <= split < len(ids):
             raise ValueError(f"split {split} outside a prompt of {len(ids)} tokens")
@@ -87,6 +91,7 @@ class Job:
         self.settings = settings
         self.on_event = on_event
         self.drafts = drafts
+        self.events = events
         self._cancelled = threading.Event()
         self._completed = False
 
@@ -190,8 +195,9 @@ class GenerationWorker:
         _deliver(job, finished)
 
     def _generate(self, job: Job) -> Finished:
+        own_cache = job.events is None
         try:
-            prompt, cached = self._prepare(job.ids, job.split)
+            prompt, cached = self._prepare(job.ids, job.split) if own_cache else (job.ids, 0)
         except Exception as e:  # noqa: BLE001 - reported to the client, the worker keeps serving
             self._new_cache()
             return _failed(e)
@@ -199,14 +205,17 @@ class GenerationWorker:
             job.cancel()
         if job.cancelled:
             return Finished("cancelled")
-        events = stream_generate(self.model, self.tokenizer, prompt, cache=self.cache, settings=job.settings)
-        ended, prompt_in = False, False
+        if own_cache:
+            events = stream_generate(self.model, self.tokenizer, prompt, cache=self.cache, settings=job.settings)
+        else:
+            events = job.events(self.model, self.tokenizer)
+        ended, prompt_in = False, not own_cache
         try:
             for event in events:
                 if not prompt_in:  # stream_generate encoded the prompt before its first event
                     self._ids += prompt
                     prompt_in = True
-                if isinstance(event, CommitEvent) and event.encoded:
+                if own_cache and isinstance(event, CommitEvent) and event.encoded:
                     self._ids += event.tokens
                 if (job.drafts or not isinstance(event, PassEvent)) and not _deliver(job, event):
                     job.cancel()
@@ -215,10 +224,11 @@ class GenerationWorker:
                     break
         except Exception as e:  # noqa: BLE001
             events.close()
-            self._new_cache()
+            if own_cache:
+                self._new_cache()
             return _failed(e)
         events.close()
-        if not ended:
+        if own_cache and not ended:
             self._restore()
         if self.cache.nbytes > self.cache_bytes:
             self._new_cache()
