@@ -259,6 +259,9 @@ def serve(
     served_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients use (default: --model)."),
     max_queue: int = typer.Option(32, "--max-queue", help="Requests that may wait; more get 503 with Retry-After."),
     cache_gb: float = typer.Option(4.0, "--cache-gb", help="Keep the prefix cache between requests up to this size."),
+    allow_origin: Optional[list[str]] = typer.Option(
+        None, "--allow-origin", help="A web origin whose pages may call the server (CORS; repeatable; '*': any)."
+    ),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streamed drafts)."""
     from .serve import bind, serve as run_server
@@ -269,13 +272,12 @@ def serve(
         raise DGemmaError("--max-queue must be at least 1 and --cache-gb at least 0")
     bind(host, port).close()  # a taken port is reported before the (slow) model load
     name = model or default_model()
-    if adapter is None:
-        mdl, tok = load_with_status(name)
-    else:
-        mdl, tok = load_with_adapter(name, adapter)
+    mdl, tok = load_with_status(name) if adapter is None else load_with_adapter(name, adapter)
+    model_id = served_name or name
     run_server(
-        mdl, tok, host=host, port=port, model_id=served_name or name, api_key=api_key, max_queue=max_queue,
-        cache_bytes=int(cache_gb * 2**30), on_ready=lambda url: err.print(f"Serving {served_name or name} at {url}", soft_wrap=True, markup=False),
+        mdl, tok, host=host, port=port, model_id=model_id, api_key=api_key, max_queue=max_queue,
+        cache_bytes=int(cache_gb * 2**30), allow_origins=allow_origin or (),
+        on_ready=lambda url: err.print(f"Serving {model_id} at {url}", soft_wrap=True, markup=False),
     )
 
 

@@ -267,6 +267,18 @@ def test_a_wrong_api_key_is_a_401(model, tokenizer):
         srv.close()
 
 
+def test_browser_pages_of_allowed_origins_may_call_the_server(model, tokenizer):
+    srv = ServerThread(model, tokenizer, model_id="m", allow_origins=["http://ui.example"])
+    try:
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        ok = httpx.options(srv.base_url + "/chat/completions", headers={"Origin": "http://ui.example", **preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://ui.example"
+        other = httpx.options(srv.base_url + "/chat/completions", headers={"Origin": "http://evil.example", **preflight})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        srv.close()
+
+
 def test_serve_reports_a_taken_port_before_loading(capsys):
     sock = bind("127.0.0.1", 0)
     try:
@@ -322,6 +334,27 @@ def test_a_client_that_disconnects_cancels_its_generation_at_the_next_pass(model
         ok = post(srv.base_url + "/chat/completions", {**body, "stream": False, "stream_options": None,
                                                        "max_tokens": 16})
         assert ok.status_code == 200
+    finally:
+        gated.allow(1000)
+        srv.close()
+
+
+def test_shutting_down_ends_open_streams_with_an_error_and_refuses_new_requests(model, tokenizer):
+    gated = GatedModel(model)
+    srv = ServerThread(gated, tokenizer, model_id="m")
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "steps": 4,
+            "stream": True, "stream_options": {"include_drafts": True}}
+    try:
+        gated.allow(1)
+        with httpx.stream("POST", srv.base_url + "/chat/completions", json=body, timeout=30) as r:
+            chunks = sse_chunks(r)
+            next(chunks), next(chunks)  # the role, the first draft
+            srv.worker.shutdown()  # what Ctrl-C / SIGTERM does first
+            gated.allow(1000)
+            rest = list(chunks)
+        assert rest[-1]["error"]["code"] == "shutting_down"
+        refused = post(srv.base_url + "/chat/completions", {**body, "stream": False, "stream_options": None})
+        assert refused.status_code == 503
     finally:
         gated.allow(1000)
         srv.close()

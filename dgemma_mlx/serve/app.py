@@ -16,15 +16,18 @@ import asyncio
 import contextlib
 import hmac
 import json
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Sequence
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..chat import common_prefix
 from ..errors import DGemmaError
 from ..events import CommitEvent, EndEvent, PassEvent
 from ..generate import default_settings, render_chat
@@ -45,11 +48,13 @@ def create_app(
     api_key: Optional[str] = None,
     max_queue: int = 32,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    allow_origins: Sequence[str] = (),
 ) -> Starlette:
     """The OpenAI-compatible app serving ``model`` under the name ``model_id``.
 
-    ``api_key``: when set, ``/v1`` requests need ``Authorization: Bearer <api_key>``. The worker
-    thread starts with the app (lifespan) and is reachable as ``app.state.worker``.
+    ``api_key``: when set, ``/v1`` requests need ``Authorization: Bearer <api_key>``.
+    ``allow_origins``: web origins whose pages may call the server from a browser (CORS; ``"*"``
+    for any). The worker thread starts with the app (lifespan) and is ``app.state.worker``.
     """
     server = _Server(model, tokenizer, model_id, api_key, GenerationWorker(
         model, tokenizer, max_queue=max_queue, cache_bytes=cache_bytes
@@ -72,6 +77,8 @@ def create_app(
         ],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
         lifespan=lifespan,
+        middleware=[Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                               allow_headers=["*"])] if allow_origins else [],
     )
     app.state.worker = server.worker
     return app
@@ -180,10 +187,7 @@ class _Server:
             base = render_chat(self.tokenizer, req.messages, think=req.think, add_generation_prompt=False)
         except DGemmaError as e:
             raise protocol.bad_request(str(e), "messages")
-        n = 0
-        while n < min(len(ids), len(base)) and ids[n] == base[n]:
-            n += 1
-        return ids, min(n, len(ids) - 1)
+        return ids, min(common_prefix(ids, base), len(ids) - 1)
 
     async def _respond(
         self, request: Request, req: GenerationRequest, ids: list[int], split: int, *, chat: bool,
@@ -269,6 +273,8 @@ class _Run:
                         if item.user_error:
                             raise protocol.bad_request(item.message)
                         raise APIError(500, item.message, type="server_error")
+                    if item.message:  # cancelled by the server (shutting down)
+                        raise APIError(503, item.message, type="server_error", code="shutting_down")
                     return  # cancelled: the client is gone
                 else:
                     yield item

@@ -30,6 +30,7 @@ from ..events import CommitEvent, EndEvent, Event, PassEvent
 from ..generate import GenerationSettings, stream_generate
 
 DEFAULT_CACHE_BYTES = 4 << 30
+SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass(frozen=True)
@@ -137,27 +138,30 @@ class GenerationWorker:
         self._thread.start()
         return self
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Cancel the running and waiting jobs and stop the thread."""
+    def shutdown(self) -> None:
+        """Refuse new jobs and cancel the running and waiting ones, without waiting (safe in a
+        signal handler): their consumers get ``Finished("cancelled", SHUTTING_DOWN)``."""
         self._closed = True
-        while True:
-            try:
+        job = self.running
+        if job is not None:
+            job.cancel()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """:meth:`shutdown`, then wait for the thread to finish the cancelled jobs and stop."""
+        self.shutdown()
+        if not self._thread.is_alive():
+            while not self._queue.empty():
                 job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel()
-                self._finish(job, Finished("cancelled"))
-        if self.running is not None:
-            self.running.cancel()
+                if job is not None:
+                    self._finish(job, Finished("cancelled"))
+            return
         self._queue.put(None)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; raises :class:`QueueFull` when the queue is full."""
         if self._closed:
-            raise QueueFull("the server is shutting down")
+            raise QueueFull(SHUTTING_DOWN)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -178,7 +182,7 @@ class GenerationWorker:
             job = self._queue.get()
             if job is None:
                 return
-            if job.cancelled:
+            if job.cancelled or self._closed:
                 self._finish(job, Finished("cancelled"))
                 continue
             self.running = job
@@ -191,6 +195,8 @@ class GenerationWorker:
         key = {"done": "completed", "cancelled": "cancelled", "error": "failed"}[finished.status]
         if finished.status == "cancelled" and job._completed:
             key = "completed"
+        elif finished.status == "cancelled" and self._closed:
+            finished = Finished("cancelled", SHUTTING_DOWN)
         self.counts[key] += 1
         _deliver(job, finished)
 
