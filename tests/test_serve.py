@@ -9,11 +9,10 @@ through one at a time.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import signal
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -293,71 +292,81 @@ def test_serve_reports_a_taken_port_before_loading(capsys):
 # ------------------------------------------------------------------------ queue and cancellation
 
 
-def test_a_full_queue_answers_503_with_retry_after(model, tokenizer):
+@pytest.fixture
+def gated(model, tokenizer):
+    """``(server, model)``: an in-process server whose passes run only when the test allows them."""
     gated = GatedModel(model)
-    srv = ServerThread(gated, tokenizer, model_id="m", max_queue=1)
+    servers = []
+
+    def start(**options) -> ServerThread:
+        servers.append(ServerThread(gated, tokenizer, model_id="m", **options))
+        return servers[-1]
+
+    yield start, gated
+    gated.allow(1000)
+    for srv in servers:
+        srv.close()
+
+
+def drafted(max_tokens: int, steps: int) -> dict:
+    """A streamed chat request with drafts (model "m")."""
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "steps": steps,
+            "stream": True, "stream_options": {"include_drafts": True}}
+
+
+def test_a_full_queue_answers_503_with_retry_after(gated):
+    start, model = gated
+    srv = start(max_queue=1)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "steps": 2}
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(post, srv.base_url + "/chat/completions", body)
-            wait_until(lambda: srv.worker.running is not None, what="the first request to run")
-            waiting = pool.submit(post, srv.base_url + "/chat/completions", body)
-            wait_until(lambda: srv.worker.queued == 1, what="the second request to wait")
-            r = post(srv.base_url + "/chat/completions", body)
-            assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
-            assert r.json()["error"]["code"] == "overloaded"
-            gated.allow(100)
-            assert running.result().status_code == 200 and waiting.result().status_code == 200
-    finally:
-        gated.allow(1000)
-        srv.close()
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post, srv.base_url + "/chat/completions", body)
+        wait_until(lambda: srv.worker.running is not None, what="the first request to run")
+        waiting = pool.submit(post, srv.base_url + "/chat/completions", body)
+        wait_until(lambda: srv.worker.queued == 1, what="the second request to wait")
+        r = post(srv.base_url + "/chat/completions", body)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
+        assert r.json()["error"]["code"] == "overloaded"
+        model.allow(100)
+        assert running.result().status_code == 200 and waiting.result().status_code == 200
 
 
-def test_a_client_that_disconnects_cancels_its_generation_at_the_next_pass(model, tokenizer):
-    gated = GatedModel(model)
-    srv = ServerThread(gated, tokenizer, model_id="m")
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 256, "steps": 8,
-            "stream": True, "stream_options": {"include_drafts": True}}
-    try:
-        gated.allow(1)
-        with httpx.stream("POST", srv.base_url + "/chat/completions", json=body, timeout=30) as r:
-            chunks = sse_chunks(r)
-            assert "role" in next(chunks)["choices"][0]["delta"]
-            assert next(chunks)["draft"]["step"] == 1
-        # The connection is closed; the worker waits for its second pass (or saw the cancellation
-        # before asking for it).
-        job = srv.worker.running
-        wait_until(lambda: job is None or job.cancelled, what="the job to be cancelled")
-        gated.allow(1000)
-        wait_until(lambda: srv.worker.counts["cancelled"] == 1, what="the worker to stop")
-        assert gated.passes <= 2
-        ok = post(srv.base_url + "/chat/completions", {**body, "stream": False, "stream_options": None,
-                                                       "max_tokens": 16})
-        assert ok.status_code == 200
-    finally:
-        gated.allow(1000)
-        srv.close()
+@contextlib.contextmanager
+def after_first_pass(srv, model, body):
+    """Stream ``body`` with only one pass allowed; yield the rest of the chunks after its draft."""
+    model.allow(1)
+    with httpx.stream("POST", srv.base_url + "/chat/completions", json=body, timeout=30) as r:
+        chunks = sse_chunks(r)
+        assert "role" in next(chunks)["choices"][0]["delta"]
+        assert next(chunks)["draft"]["step"] == 1
+        yield chunks
 
 
-def test_shutting_down_ends_open_streams_with_an_error_and_refuses_new_requests(model, tokenizer):
-    gated = GatedModel(model)
-    srv = ServerThread(gated, tokenizer, model_id="m")
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "steps": 4,
-            "stream": True, "stream_options": {"include_drafts": True}}
-    try:
-        gated.allow(1)
-        with httpx.stream("POST", srv.base_url + "/chat/completions", json=body, timeout=30) as r:
-            chunks = sse_chunks(r)
-            next(chunks), next(chunks)  # the role, the first draft
-            srv.worker.shutdown()  # what Ctrl-C / SIGTERM does first
-            gated.allow(1000)
-            rest = list(chunks)
-        assert rest[-1]["error"]["code"] == "shutting_down"
-        refused = post(srv.base_url + "/chat/completions", {**body, "stream": False, "stream_options": None})
-        assert refused.status_code == 503
-    finally:
-        gated.allow(1000)
-        srv.close()
+def test_a_client_that_disconnects_cancels_its_generation_at_the_next_pass(gated):
+    start, model = gated
+    srv = start()
+    with after_first_pass(srv, model, drafted(256, 8)):
+        pass
+    # The connection is closed; the worker waits for its second pass (or saw the cancellation
+    # before asking for it).
+    job = srv.worker.running
+    wait_until(lambda: job is None or job.cancelled, what="the job to be cancelled")
+    model.allow(1000)
+    wait_until(lambda: srv.worker.counts["cancelled"] == 1, what="the worker to stop")
+    assert model.passes <= 2
+    ok = post(srv.base_url + "/chat/completions", {**drafted(16, 8), "stream": False, "stream_options": None})
+    assert ok.status_code == 200
+
+
+def test_shutting_down_ends_open_streams_with_an_error_and_refuses_new_requests(gated):
+    start, model = gated
+    srv = start()
+    with after_first_pass(srv, model, drafted(64, 4)) as chunks:
+        srv.worker.shutdown()  # what Ctrl-C / SIGTERM does first
+        model.allow(1000)
+        rest = list(chunks)
+    assert rest[-1]["error"]["code"] == "shutting_down"
+    refused = post(srv.base_url + "/chat/completions", {**drafted(16, 4), "stream": False, "stream_options": None})
+    assert refused.status_code == 503
 
 
 # ----------------------------------------------------------------------------------------- load
