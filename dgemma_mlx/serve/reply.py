@@ -121,6 +121,8 @@ class Reply:
         )
 
     def commit(self, event: CommitEvent) -> Delta:
+        if self.done:  # a stop string ended the reply; the worker has not stopped yet
+            return Delta()
         self.passes += event.steps
         self.blocks += 1
         if self.fill is not None:
