@@ -31,9 +31,6 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_uns
 
 from .ops import gelu_mul, on_cpu
 
-STRATEGIES = ("auto", "gather", "grouped", "dense")
-
-
 def geglu(h: mx.array) -> mx.array:
     """:func:`gelu_mul` for ``h`` = [..., 2I] holding gate then up (fused expert projections)."""
     gate, up = mx.split(h, 2, axis=-1)

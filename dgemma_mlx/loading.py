@@ -23,7 +23,7 @@ from .adapters import load_adapters, untie_for_weights
 from .bundled import bundled_path
 from .config import ModelArgs
 from .errors import DGemmaError
-from .model import Model
+from .model import Model, Source
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -124,14 +124,12 @@ def load_safetensors(files: list[Path]) -> dict[str, mx.array]:
     return weights
 
 
-def quantize_like(model: Model, weights: dict[str, mx.array], quantization: Optional[dict]) -> None:
+def quantize_like(model: Model, weights: dict[str, mx.array]) -> None:
     """Turn every layer stored quantized in ``weights`` into its quantized counterpart.
 
-    Bits and group size come from the config's per-layer entry when it names the layer, else are
-    recovered from the tensor shapes (mlx-lm's ``infer_quant_config``)."""
+    Bits and group size are recovered from the tensor shapes (mlx-lm's ``infer_quant_config``)."""
     from mlx_lm.utils import infer_quant_config
 
-    quantization = quantization or {}
     names = {}
     for path, module in model.named_modules():
         if hasattr(module, "to_quantized") and f"{path}.scales" in weights:
@@ -185,7 +183,7 @@ def load_model(
     model = Model(args)
     weights = model.sanitize(load_safetensors(weight_files(model_path)))
     untie_for_weights(model, weights)
-    quantize_like(model, weights, args.quantization)
+    quantize_like(model, weights)
     apply_weights(model, weights, dtype)
     if not lazy:
         try:
@@ -194,8 +192,7 @@ def load_model(
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DGemmaError(f"{model_path}: cannot read the weights (truncated or corrupt?): {reason}")
     model.eval()
-    model.path = model_path
-    model.generation_config = load_generation_config(model_path)
+    model.source = Source(model_path, load_generation_config(model_path))
     return model, model_path
 
 

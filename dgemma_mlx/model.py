@@ -17,6 +17,8 @@ times ``layer_scalar``. The router reads ``r``. Attention uses scale 1.0 with RM
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
@@ -255,8 +257,27 @@ class SelfConditioning(nn.Module):
         return rms_norm_noscale(embeds, self.eps)
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a loaded model came from (kept out of the module tree, so not a parameter)."""
+
+    path: Optional[Path] = None
+    generation_config: dict = field(default_factory=dict)
+
+
 class Model(nn.Module):
     """The DiffusionGemma text model. Weights are shared by :meth:`encode` and :meth:`denoise`."""
+
+    source: Source = Source()
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self.source.path
+
+    @property
+    def generation_config(self) -> dict:
+        """The checkpoint's ``generation_config.json`` (nulls dropped; {} when absent)."""
+        return self.source.generation_config
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -398,8 +419,9 @@ class Model(nn.Module):
             out[key] = value
         return out
 
-    def quant_predicate(self, expert_bits: int, group_size: int, mode: str = "affine"):
-        """The default recipe: experts at ``expert_bits``; everything else at 8 bits."""
+    def quantization_recipe(self, expert_bits: int, group_size: int, mode: str = "affine"):
+        """mlx-lm's ``quant_predicate`` for the default recipe: experts at ``expert_bits``;
+        everything else at 8 bits."""
 
         def predicate(path: str, module: nn.Module):
             if not hasattr(module, "to_quantized"):
