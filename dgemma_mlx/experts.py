@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
-from .ops import gelu_mul, on_cpu
+from .ops import cpu_kernels, gelu_mul, on_cpu
 
 def geglu(h: mx.array) -> mx.array:
     """:func:`gelu_mul` for ``h`` = [..., 2I] holding gate then up (fused expert projections)."""
@@ -57,7 +57,7 @@ class Experts(nn.Module):
             return self.strategy
         if not self.quantized and self.gate_up_proj.num_experts <= 2 * self.top_k:
             return "dense"  # at most twice the expert FLOPs, none of the routing overhead
-        return "grouped" if on_cpu() and not self.quantized else "gather"
+        return "grouped" if cpu_kernels() and not self.quantized else "gather"
 
     @property
     def _needs_plain_matmul(self) -> bool:

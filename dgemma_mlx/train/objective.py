@@ -131,13 +131,13 @@ class _TrainingPrefix:
 
 
 def _cut_mask(cut: mx.array, length: int, window: Optional[int], canvas_length: int) -> mx.array:
-    # Additive mask [B, 1, 1, C, L] over the sequence keys for each row's canvas queries.
+    # Additive mask [B, 1, C, L] over the sequence keys for each row's canvas queries.
     j = mx.arange(length)[None]
     allowed = j < cut[:, None]
     if window:
         allowed = allowed & (j >= cut[:, None] - (window - 1))
     mask = mx.where(allowed, 0.0, -mx.inf).astype(mx.float32)
-    return mx.broadcast_to(mask[:, None, None, None, :], (cut.shape[0], 1, 1, canvas_length, length))
+    return mx.broadcast_to(mask[:, None, None, :], (cut.shape[0], 1, canvas_length, length))
 
 
 def cross_entropy(logits: mx.array, targets: mx.array, valid: Optional[mx.array] = None) -> mx.array:
