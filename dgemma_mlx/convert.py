@@ -36,6 +36,7 @@ from .loading import (
     weight_files,
 )
 from .model import Model
+from .settings import REFERENCE_GENERATION_CONFIG
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -46,17 +47,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-# The reference's defaults (transformers DiffusionGemmaGenerationConfig), for sources without
-# a generation_config.json.
-DEFAULT_GENERATION_CONFIG = {
-    "max_denoising_steps": 48,
-    "t_max": 0.8,
-    "t_min": 0.4,
-    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
-    "max_new_tokens": 256,
-}
 Q_BITS = (4, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 SHARD_GB = 5
@@ -158,7 +148,7 @@ def convert(
         _write_weights(model, tmp, shard_gb, progress)
         config = _output_config(source_config, dtype, quantization)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        generation = load_generation_config(src) or dict(DEFAULT_GENERATION_CONFIG)
+        generation = load_generation_config(src) or dict(REFERENCE_GENERATION_CONFIG)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         _copy_tokenizer(src, tmp)
         _move_into_place(tmp, out)
