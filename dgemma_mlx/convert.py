@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .config import ModelArgs
 from .errors import DGemmaError
+from .files import apply_umask
 from .loading import (
     DTYPES,
     apply_weights,
@@ -145,6 +146,7 @@ def convert(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        apply_umask(tmp, directory=True)  # mkdtemp makes it 0700: the output is for other users too
         _write_weights(model, tmp, shard_gb, progress)
         config = _output_config(source_config, dtype, quantization)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

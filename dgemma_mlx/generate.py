@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 
 from .cache import PrefixCache
-from .channels import ChannelSplitter, channel_ids
+from .channels import ChannelSplitter, text_of
 from .errors import DGemmaError
 from .events import CommitEvent, EndEvent, Event, GenerationStats, PassEvent
 from .sampler import sampler_step, temperature, uniform_tokens
@@ -106,7 +106,7 @@ def stream_generate(
     max_new = min(settings.max_new_tokens, room)
     n_blocks = math.ceil(max_new / C)
     eos = set(args.eos_token_ids)
-    splitter = ChannelSplitter(tokenizer, *channel_ids(tokenizer))
+    splitter = ChannelSplitter(tokenizer)
 
     cache.reserve(cache.offset + len(ids) + n_blocks * C)
     seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -183,11 +183,10 @@ def stream_generate(
             finish = "eos"
         if not finished:
             model.encode(argmax, cache)
-        text = "".join(s.text for s in splitter.feed(kept))
-        if finished:
-            text += "".join(s.text for s in splitter.flush())
+        segments = splitter.commit(kept, final=finished)
         yield CommitEvent(
-            block=block, tokens=kept, text=text, steps=steps, eos=hit_eos, finished=finished, encoded=not finished
+            block=block, tokens=kept, text=text_of(segments, "answer"), steps=steps, eos=hit_eos,
+            finished=finished, encoded=not finished, thought=text_of(segments, "thought"), segments=segments,
         )
         if finished:
             break
