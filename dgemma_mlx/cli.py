@@ -155,10 +155,6 @@ class SamplingArgs:
         :class:`DGemmaError` before any model is loaded)."""
         if self.temp is not None and (self.t_min is not None or self.t_max is not None):
             raise DGemmaError("--temp sets a constant temperature: give either --temp or --t-min/--t-max")
-        if self.t_min is not None and self.t_min == self.t_max:
-            raise DGemmaError(
-                f"--t-min equals --t-max ({self.t_min}): for a constant temperature use --temp {self.t_min}"
-            )
         values = dict(
             max_new_tokens=self.max_tokens, steps=self.steps, entropy_bound=self.entropy_bound,
             t_min=self.t_min, t_max=self.t_max, temp=self.temp, seed=self.seed,

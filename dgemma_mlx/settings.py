@@ -47,34 +47,30 @@ class SettingError(DGemmaError):
         self.field = field
 
 
-def _option(name: str) -> str:
-    return name.replace("_", "-")
-
-
 def _as_int(name: str, value: Any) -> int:
     if isinstance(value, str):
         value = value.strip()
     if isinstance(value, bool):
-        raise SettingError(name, f"{_option(name)} must be an integer (got {value!r})")
+        raise SettingError(name, f"bad value for {name}: {value!r} (expected an integer)")
     if isinstance(value, float):
         if not value.is_integer():
-            raise SettingError(name, f"{_option(name)} must be an integer (got {value!r})")
+            raise SettingError(name, f"bad value for {name}: {value!r} (expected an integer)")
         return int(value)
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise SettingError(name, f"{_option(name)} must be an integer (got {value!r})")
+        raise SettingError(name, f"bad value for {name}: {value!r} (expected an integer)")
 
 
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool):
-        raise SettingError(name, f"{_option(name)} must be a number (got {value!r})")
+        raise SettingError(name, f"bad value for {name}: {value!r} (expected a number)")
     try:
         number = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError, OverflowError):
-        raise SettingError(name, f"{_option(name)} must be a number (got {value!r})")
+        raise SettingError(name, f"bad value for {name}: {value!r} (expected a number)")
     if not math.isfinite(number):
-        raise SettingError(name, f"{_option(name)} must be a finite number (got {value!r})")
+        raise SettingError(name, f"bad value for {name}: {value!r} (expected a finite number)")
     return number
 
 
@@ -100,7 +96,9 @@ class GenerationSettings:
         steps: maximum denoising passes per block.
         entropy_bound: entropy budget of the positions accepted per pass.
         t_min, t_max: the temperature falls linearly from ``t_max`` (first pass) to ``t_min``
-            (last); equal values give a constant temperature.
+            (last pass); ``t_min < t_max``, as the reference requires.
+        temp: a constant temperature instead (None: the falling schedule); when set, ``t_min``
+            and ``t_max`` both equal it.
         stability_threshold, confidence_threshold: the stable-and-confident stopping criterion.
         seed: None for a random seed (``-1`` is accepted and means the same), else
             ``0 <= seed < 2**64``.
@@ -114,6 +112,7 @@ class GenerationSettings:
     stability_threshold: int = REFERENCE_GENERATION_CONFIG["stability_threshold"]
     confidence_threshold: float = REFERENCE_GENERATION_CONFIG["confidence_threshold"]
     seed: Optional[int] = None
+    temp: Optional[float] = None
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "steps", "stability_threshold"):
@@ -121,6 +120,10 @@ class GenerationSettings:
         for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
             object.__setattr__(self, name, _as_float(name, getattr(self, name)))
         object.__setattr__(self, "seed", _as_seed(self.seed))
+        if self.temp is not None:
+            temp = _as_float("temp", self.temp)
+            for name in ("temp", "t_min", "t_max"):
+                object.__setattr__(self, name, temp)
         self.validate()
 
     @classmethod
@@ -135,16 +138,17 @@ class GenerationSettings:
 
     def update(self, **overrides: Any) -> "GenerationSettings":
         """A copy with the non-None ``overrides`` applied and checked. Values may be strings
-        (``steps="16"``); ``temp=T`` sets both ``t_min`` and ``t_max`` (a constant temperature).
-        Raises :class:`SettingError` naming the first bad setting."""
+        (``steps="16"``). Setting ``t_min`` or ``t_max`` ends a constant ``temp``. Raises
+        :class:`SettingError` naming the first bad setting."""
         known = {f.name for f in fields(self)}
         for name in overrides:
-            if name not in known and name != "temp":
+            if name not in known:
                 raise SettingError(name, f"unknown generation setting '{name}' (settings: {', '.join(sorted(known))})")
         values = {k: v for k, v in overrides.items() if v is not None}
-        if "temp" in values:
-            t = _as_float("temp", values.pop("temp"))
-            values = {"t_min": t, "t_max": t, **values}
+        if "t_min" in values or "t_max" in values:
+            if "temp" in values:
+                raise SettingError("temp", "give either temp (a constant temperature) or t-min/t-max, not both")
+            values["temp"] = None
         return replace(self, **values)
 
     def validate(self) -> None:
@@ -155,9 +159,13 @@ class GenerationSettings:
             raise SettingError("max_new_tokens", f"max-tokens must be at least 1 (got {self.max_new_tokens})")
         if self.entropy_bound <= 0:
             raise SettingError("entropy_bound", f"entropy-bound must be positive (got {self.entropy_bound})")
-        if self.t_min < 0 or self.t_max < self.t_min:
+        if self.temp is not None and self.temp <= 0:  # the schedule never reaches t_min; temp is every pass
+            raise SettingError("temp", f"temp must be positive (got {self.temp})")
+        if self.temp is None and (self.t_min < 0 or self.t_max <= self.t_min):
             raise SettingError(
-                "t_min", f"temperatures need 0 <= t-min <= t-max (got t-min {self.t_min}, t-max {self.t_max})"
+                "t_min",
+                f"temperatures need 0 <= t-min < t-max (got t-min {self.t_min}, t-max {self.t_max}); "
+                "for a constant temperature set temp",
             )
         if self.stability_threshold < 0:
             raise SettingError(
