@@ -69,24 +69,25 @@ def resolve_model_path(path_or_repo: Union[str, Path], *, weights: bool = True, 
     )
 
     # A repo id is also a relative path: until the Hub answers, it may be a mistyped directory.
-    local = "" if default else f"there is no local directory '{name}', and "
+    local = "" if default else "there is no such local directory, "
     patterns = ALLOW_PATTERNS if weights else [p for p in ALLOW_PATTERNS if "safetensors" not in p]
     try:
         return Path(snapshot_download(name, allow_patterns=patterns))
     except GatedRepoError:
         raise DGemmaError(f"'{name}' is a gated repository: log in with `hf auth login` first")
     except (RepositoryNotFoundError, RevisionNotFoundError):
-        raise DGemmaError(f"{local}'{name}' is not a Hugging Face repository")
+        what = "a Hugging Face repository" if default else "a local directory nor a Hugging Face repository"
+        raise DGemmaError(f"'{name}' is {'not' if default else 'neither'} {what}")
     except LocalEntryNotFoundError:
         if default:
             raise DGemmaError(default_model_unavailable(name))
         raise DGemmaError(
-            f"{local}the Hugging Face Hub cannot be reached to fetch '{name}' as a repo id "
-            "(it is not in the cache); check the path, or pass a local --model PATH"
+            f"cannot fetch '{name}': {local}it is not in the Hugging Face cache and the Hub cannot be reached; "
+            "check the path, or pass a local --model PATH"
         )
     except Exception as e:  # connection errors, HTTP errors, disk errors
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DGemmaError(f"{local}cannot fetch '{name}' from the Hugging Face Hub: {reason}")
+        raise DGemmaError(f"cannot fetch '{name}' from the Hugging Face Hub ({local}the Hub failed): {reason}")
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import time
 
 import pytest
 from rich.console import Console
@@ -13,7 +12,6 @@ from dgemma_mlx.channels import ChannelSplitter
 from dgemma_mlx.events import CommitEvent, EndEvent, GenerationStats, PassEvent
 from dgemma_mlx.render import (
     ACCEPTED_STYLE,
-    CHANGED_STYLE,
     LiveView,
     PlainView,
     TokenPieces,
@@ -126,7 +124,6 @@ def test_tokens_changed_since_the_previous_pass_are_marked(tok):
     view.update(make_pass(second, step=2))
     assert all(s.underline for s in styles_of(view, view.console, " a"))
     assert not any(s.underline for s in styles_of(view, view.console, " sky"))
-    assert CHANGED_STYLE.underline
 
 
 def test_first_pass_of_a_block_marks_nothing_changed(tok):
@@ -264,12 +261,9 @@ def test_update_only_swaps_state_and_never_draws(tok, monkeypatch):
     monkeypatch.setattr(LiveView, "__rich_console__", counting)
     ids = enc(tok, "The sky is blue")
     with LiveView(tok, console, refresh_per_second=4) as view:
-        start = time.perf_counter()
         for step in range(1, 501):
             view.update(make_pass(ids, step=step))
-        elapsed = time.perf_counter() - start
-    assert len(renders) < 10
-    assert elapsed < 0.5
+    assert len(renders) < 10  # 500 passes were coalesced: update itself never draws
 
 
 # -- plain mode, view choice and stats -------------------------------------------------------------
