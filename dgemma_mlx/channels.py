@@ -12,7 +12,7 @@ feed boundary; the splitter holds back what is not yet complete and emits it onc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Optional, Sequence
 
 Kind = Literal["thought", "answer"]
 
@@ -36,6 +36,8 @@ class ChannelSplitter:
     order (consecutive text of one channel is merged). ``thought`` and ``answer`` hold the full text
     emitted so far, so they always equal the concatenation of the returned segments of their kind.
 
+    The marker ids default to the tokenizer's own (:func:`channel_ids`).
+
     Every ``<|channel>`` section counts as thought (Gemma 4 only uses the ``thought`` channel); its
     first line (the channel name, e.g. ``thought\\n``) is dropped, as is a name that the channel
     closes before its newline. Special tokens are never part of
@@ -43,10 +45,11 @@ class ChannelSplitter:
     back until the next feed completes it; :meth:`flush` releases whatever is still held back.
     """
 
-    def __init__(self, tokenizer, channel_start_id: int = 100, channel_end_id: int = 101):
+    def __init__(self, tokenizer, channel_start_id: Optional[int] = None, channel_end_id: Optional[int] = None):
         self.tokenizer = tokenizer
-        self.channel_start_id = channel_start_id
-        self.channel_end_id = channel_end_id
+        start, end = channel_ids(tokenizer)
+        self.channel_start_id = start if channel_start_id is None else channel_start_id
+        self.channel_end_id = end if channel_end_id is None else channel_end_id
         self.thought = ""
         self.answer = ""
         self._kind: Kind = "answer"
@@ -93,6 +96,10 @@ class ChannelSplitter:
         self._emit(out, final=True)
         return out
 
+    def commit(self, ids: Iterable[int], final: bool = False) -> tuple[Segment, ...]:
+        """:meth:`feed`, then :meth:`flush` when ``final``, as one merged tuple of segments."""
+        return merge(self.feed(ids) + (self.flush() if final else []))
+
     # -- internals -------------------------------------------------------------------------------
 
     def _decode(self, ids: list[int]) -> str:
@@ -132,6 +139,22 @@ class ChannelSplitter:
             out[-1] = Segment(self._kind, out[-1].text + new)
         else:
             out.append(Segment(self._kind, new))
+
+
+def merge(segments: Iterable[Segment]) -> tuple[Segment, ...]:
+    """``segments`` with consecutive text of one channel joined."""
+    out: list[Segment] = []
+    for seg in segments:
+        if out and out[-1].kind == seg.kind:
+            out[-1] = Segment(seg.kind, out[-1].text + seg.text)
+        elif seg.text:
+            out.append(seg)
+    return tuple(out)
+
+
+def text_of(segments: Sequence[Segment], kind: Kind) -> str:
+    """The text of one channel in ``segments``."""
+    return "".join(s.text for s in segments if s.kind == kind)
 
 
 def channel_ids(tokenizer) -> tuple[int, int]:

@@ -2,38 +2,43 @@
 
 The CLI parses arguments, calls the library and renders; everything it does is reachable from
 Python (:func:`dgemma_mlx.load`, :func:`dgemma_mlx.generate.stream_generate`,
-:func:`dgemma_mlx.convert.convert`, :class:`dgemma_mlx.chat.ChatSession`).
+:func:`dgemma_mlx.convert.convert`, :class:`dgemma_mlx.chat.ChatSession`). Model code is imported
+only inside the commands, so ``--help`` and argument errors are instant.
+
+The options every sampling command shares (model, seed, steps, entropy bound, temperatures,
+max tokens, events, quiet) are added by :func:`sampling_options`, which hands the command one
+:class:`SamplingArgs`. Names follow mlx-lm where it has one; older spellings still work, hidden.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
-import functools
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
 
+from .cli_errors import err, error_line
 from .errors import DGemmaError
+from .settings import DEFAULTS
 
 DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 
 app = typer.Typer(
     name="dgemma",
     help="Run Google's DiffusionGemma locally with MLX and watch every refinement pass.",
-    add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # click-style help: metavars as given (PATH, N), flags without a type
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-err = Console(stderr=True, highlight=False)
-
 
 def user_errors(command):
     """Report ``DGemmaError`` as one line (exit 1) and Ctrl-C as exit 130, never a traceback."""
@@ -43,7 +48,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except DGemmaError as e:
-            err.print(f"dgemma: error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+            error_line(e)
             raise typer.Exit(1)
         except KeyboardInterrupt:
             err.print("Interrupted.", style="dim")
@@ -61,45 +66,191 @@ def load_with_status(model: str, quiet: bool = False, adapter: Optional[str] = N
     huggingface_hub's download progress), then a spinner shows while the weights load."""
     from .loading import load, resolve_model_path
 
-    path = resolve_model_path(model)
+    path = resolve_model_path(model, default=model == DEFAULT_MODEL)
     status = err.status(f"Loading {model} …") if err.is_terminal and not quiet else nullcontext()
     with status:
         return load(path, adapter_path=adapter)
 
 
-# Shared sampling options (generate and chat).
-MaxNewTokens = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate at most (default: the checkpoint's, 256).")
-Steps = typer.Option(None, "--steps", help="Maximum denoising passes per block (default: the checkpoint's, 48).")
-EntropyBound = typer.Option(None, "--entropy-bound", help="Entropy budget of the positions accepted per pass (default 0.1).")
-TMin = typer.Option(None, "--t-min", help="Temperature of the last pass (default 0.4).")
-TMax = typer.Option(None, "--t-max", help="Temperature of the first pass (default 0.8).")
-Seed = typer.Option(None, "--seed", help="Random seed, for reproducible runs.")
-System = typer.Option(None, "--system", help="System prompt.")
-Think = typer.Option(False, "--think/--no-think", help="Let the model think before answering.")
-ModelOpt = typer.Option(
-    None, "--model", "-m", help=f"Local directory or Hugging Face repo id (default: $DGEMMA_MODEL, else {DEFAULT_MODEL})."
+# ------------------------------------------------------------------------------ shared options
+
+
+def _default(name: str) -> str:
+    return f"the checkpoint's, else {getattr(DEFAULTS, name)}"
+
+
+def _option(default: Any, *names: str, help: Optional[str] = None, metavar: Optional[str] = None, hidden=False):
+    return typer.Option(default, *names, help=help, metavar=metavar, hidden=hidden, show_default=False)
+
+
+# Command-specific options that several commands share.
+ModelOpt = _option(
+    None, "--model", "-m", metavar="PATH",
+    help=f"Local directory or Hugging Face repo id (default: $DGEMMA_MODEL, else {DEFAULT_MODEL}).",
+)
+SystemPrompt = _option(None, "--system-prompt", metavar="TEXT", help="System prompt.")
+SystemAlias = _option(None, "--system", metavar="TEXT", hidden=True)
+Think = typer.Option(
+    False, "--think/--no-think", metavar="", show_default=False, help="Let the model think before answering (default: no)."
 )
 
+Adapter = _option(
+    None, "--adapter", metavar="PATH", help="A fine-tuned adapter (dgemma train's output) to load over the model."
+)
+MaxTokens = _option(
+    None, "--max-tokens", metavar="N", help=f"Tokens to generate at most (default: {_default('max_new_tokens')})."
+)
+Steps = _option(None, "--steps", metavar="N", help=f"Maximum denoising passes per block (default: {_default('steps')}).")
+EntropyBound = _option(
+    None, "--entropy-bound", metavar="X",
+    help=f"Entropy budget of the positions accepted per pass (default: {_default('entropy_bound')}).",
+)
+TMin = _option(None, "--t-min", metavar="T", help=f"Temperature of the last pass (default: {_default('t_min')}).")
+TMax = _option(None, "--t-max", metavar="T", help=f"Temperature of the first pass (default: {_default('t_max')}).")
+Temp = _option(None, "--temp", metavar="T", help="A constant temperature (sets --t-min and --t-max).")
+Seed = _option(
+    None, "--seed", metavar="N", help="Random seed for reproducible runs: 0 <= N < 2**64; -1 (default): random."
+)
+Events = _option(
+    None, "--events", metavar="PATH", help="Write every pass and commit as JSON Lines to PATH ('-': stdout)."
+)
+Quiet = typer.Option(False, "--quiet", metavar="", help="No live view and no stats: just the result.")
 
-def sampling_overrides(**values) -> dict:
-    return {k: v for k, v in values.items() if v is not None}
+# (name, annotation, option) of every shared sampling option, in help order.
+_SAMPLING: list[tuple[str, Any, Any]] = [
+    ("model", Optional[str], ModelOpt),
+    ("adapter", Optional[str], Adapter),
+    ("max_tokens", Optional[int], MaxTokens),
+    ("steps", Optional[int], Steps),
+    ("entropy_bound", Optional[float], EntropyBound),
+    ("t_min", Optional[float], TMin),
+    ("t_max", Optional[float], TMax),
+    ("temp", Optional[float], Temp),
+    ("seed", Optional[int], Seed),
+    ("events", Optional[str], Events),
+    ("quiet", bool, Quiet),
+    # Old spellings, hidden.
+    ("max_new_tokens", Optional[int], _option(None, "--max-new-tokens", "-n", hidden=True)),
+    ("quiet_alias", bool, typer.Option(False, "-q", hidden=True)),
+]
+_OUTPUT_OPTIONS = ("events", "quiet", "quiet_alias")
+_LENGTH_OPTIONS = ("max_tokens", "max_new_tokens")
 
 
-def check_overrides(overrides: dict) -> None:
-    """Validate user settings before the (slow) model load."""
-    from .generate import GenerationSettings
+@dataclass(frozen=True)
+class SamplingArgs:
+    """The shared options as one command received them (None: not given)."""
 
-    GenerationSettings().update(**overrides)
+    model: Optional[str] = None
+    adapter: Optional[str] = None
+    max_tokens: Optional[int] = None
+    steps: Optional[int] = None
+    entropy_bound: Optional[float] = None
+    t_min: Optional[float] = None
+    t_max: Optional[float] = None
+    temp: Optional[float] = None
+    seed: Optional[int] = None
+    events: Optional[str] = None
+    quiet: bool = False
+
+    @property
+    def model_name(self) -> str:
+        """``--model``, else ``$DGEMMA_MODEL``, else the default model."""
+        return self.model or default_model()
+
+    def load(self, quiet: bool = False):
+        """``(model, tokenizer)`` for these options (``--model`` with ``--adapter``), loaded with
+        :func:`load_with_status`."""
+        return load_with_status(self.model_name, quiet, adapter=self.adapter)
+
+    def overrides(self) -> dict[str, Any]:
+        """The :class:`~dgemma_mlx.settings.GenerationSettings` overrides, checked (raises
+        :class:`DGemmaError` before any model is loaded)."""
+        if self.temp is not None and (self.t_min is not None or self.t_max is not None):
+            raise DGemmaError("--temp sets a constant temperature: give either --temp or --t-min/--t-max")
+        values = dict(
+            max_new_tokens=self.max_tokens, steps=self.steps, entropy_bound=self.entropy_bound,
+            t_min=self.t_min, t_max=self.t_max, temp=self.temp, seed=self.seed,
+        )
+        values = {k: v for k, v in values.items() if v is not None}
+        DEFAULTS.update(**values)
+        return values
+
+
+def sampling_options(command: Optional[Callable] = None, *, output: bool = True, length: bool = True):
+    """Add the shared sampling options to a command, which receives them as ``sampling:
+    SamplingArgs``. ``output=False`` leaves out ``--events`` and ``--quiet``; ``length=False``
+    leaves out ``--max-tokens`` (commands whose output length is set otherwise)."""
+    if command is None:
+        return functools.partial(sampling_options, output=output, length=length)
+    skip = (() if output else _OUTPUT_OPTIONS) + (() if length else _LENGTH_OPTIONS)
+    shared = [(n, a, o) for n, a, o in _SAMPLING if n not in skip]
+    names = [n for n, _, _ in shared]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        given = {n: kwargs.pop(n) for n in names}
+        if given.get("max_tokens") is None:
+            given["max_tokens"] = given.get("max_new_tokens")
+        given["quiet"] = bool(given.get("quiet") or given.get("quiet_alias"))
+        fields = {k: v for k, v in given.items() if k in SamplingArgs.__dataclass_fields__}
+        return command(sampling=SamplingArgs(**fields), **kwargs)
+
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "sampling"]
+    arguments = [p for p in own if isinstance(p.default, typer.models.ArgumentInfo)]
+    options = [p for p in own if p not in arguments]
+    kw = inspect.Parameter.KEYWORD_ONLY
+    added = [inspect.Parameter(n, kw, default=o, annotation=a) for n, a, o in shared]
+    params = [p.replace(kind=kw) for p in arguments] + added + [p.replace(kind=kw) for p in options]
+    wrapper.__signature__ = inspect.Signature(params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    del wrapper.__wrapped__  # Typer must see the combined signature
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------- inputs
 
 
 def read_prompt(prompt: Optional[str]) -> str:
+    """The prompt: the argument, or stdin for ``-`` or a pipe (one trailing newline dropped, so a
+    piped prompt equals the same text given as an argument)."""
     if prompt is None or prompt == "-":
         if prompt is None and sys.stdin.isatty():
             raise DGemmaError("no prompt given: pass PROMPT, or pipe it on stdin")
-        prompt = sys.stdin.read()
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is not None:
+            try:
+                prompt = stream.read().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DGemmaError(f"the prompt on stdin is not valid UTF-8 (byte {e.start})")
+        else:
+            prompt = sys.stdin.read()
+        prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt[:-1] if prompt.endswith("\n") else prompt
+    else:
+        check_utf8(prompt, "the prompt")
     if not prompt.strip():
         raise DGemmaError("the prompt is empty")
     return prompt
+
+
+def check_utf8(text: Optional[str], what: str) -> None:
+    """Reject a command-line argument that was not valid UTF-8 (Python keeps its bytes as lone
+    surrogates)."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DGemmaError(f"{what} is not valid UTF-8")
+
+
+def checked_system_prompt(system_prompt: Optional[str], alias: Optional[str], sampling: SamplingArgs) -> Optional[str]:
+    """``--system-prompt``, else its hidden old spelling ``--system``; it and ``--model`` checked
+    to be valid UTF-8."""
+    system_prompt = system_prompt if system_prompt is not None else alias
+    check_utf8(system_prompt, "the system prompt")
+    check_utf8(sampling.model, "the model path")
+    return system_prompt
 
 
 @contextmanager
@@ -112,56 +263,51 @@ def open_events(target: Optional[str]):
     else:
         try:
             f = open(target, "w", encoding="utf-8")
-        except OSError as e:
-            raise DGemmaError(f"cannot write events to '{target}': {e.strerror}")
+        except (OSError, ValueError) as e:
+            raise DGemmaError(f"cannot write events to '{target}': {getattr(e, 'strerror', None) or e}")
         with f:
             yield f
 
 
+# ----------------------------------------------------------------------------------- commands
+
+
 @app.command()
+@sampling_options
 @user_errors
 def generate(
-    prompt: Optional[str] = typer.Argument(None, help="The prompt; '-' or a pipe reads it from stdin."),
-    model: Optional[str] = ModelOpt,
-    max_new_tokens: Optional[int] = MaxNewTokens,
-    steps: Optional[int] = Steps,
-    entropy_bound: Optional[float] = EntropyBound,
-    t_min: Optional[float] = TMin,
-    t_max: Optional[float] = TMax,
-    seed: Optional[int] = Seed,
-    system: Optional[str] = System,
+    prompt: Optional[str] = typer.Argument(None, metavar="PROMPT", show_default=False, hidden=True),
+    system_prompt: Optional[str] = SystemPrompt,
     think: bool = Think,
-    no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Send the prompt as raw text."),
-    events: Optional[str] = typer.Option(
-        None, "--events", help="Write every pass and commit as JSON Lines to FILE ('-': stdout)."
+    ignore_chat_template: bool = typer.Option(
+        False, "--ignore-chat-template", metavar="", help="Send the prompt as raw text."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view and no stats: just the answer."),
+    system: Optional[str] = SystemAlias,
+    no_chat_template: bool = typer.Option(False, "--no-chat-template", hidden=True),
+    prompt_option: Optional[str] = _option(None, "--prompt", "-p", hidden=True),
+    *,
+    sampling: SamplingArgs,
 ):
-    """Generate an answer, showing every refinement pass live."""
-    from .channels import channel_ids
+    """Generate an answer to PROMPT ('-' or a pipe: read from stdin), showing every refinement
+    pass live."""
+    overrides = sampling.overrides()
+    if prompt is not None and prompt_option is not None:
+        raise DGemmaError("give the prompt once: as PROMPT or with --prompt")
+    text = read_prompt(prompt if prompt is not None else prompt_option)
+    system_prompt = checked_system_prompt(system_prompt, system, sampling)
+
     from .events import EndEvent, event_to_json
     from .generate import build_prompt, stream_generate
-    from .render import LiveView, PlainView, format_stats
+    from .render import format_stats, make_view
 
-    overrides = sampling_overrides(
-        max_new_tokens=max_new_tokens, steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, seed=seed
+    mdl, tok = sampling.load(sampling.quiet)
+    ids = build_prompt(
+        tok, text, system=system_prompt, think=think, chat_template=not (ignore_chat_template or no_chat_template)
     )
-    check_overrides(overrides)
-    text = read_prompt(prompt)
-    name = model or default_model()
-    mdl, tok = load_with_status(name, quiet)
-    ids = build_prompt(tok, text, system=system, think=think, chat_template=not no_chat_template)
-
     out = Console(highlight=False)
-    start, end_id = channel_ids(tok)
-    if events == "-":
-        view = None
-    elif out.is_terminal and not quiet:
-        view = LiveView(tok, out, channel_start_id=start, channel_end_id=end_id)
-    else:
-        view = PlainView(tok, sys.stdout, channel_start_id=start, channel_end_id=end_id)
+    view = None if sampling.events == "-" else make_view(tok, out, plain=sampling.quiet or not out.is_terminal)
     end = None
-    with open_events(events) as sink, (view or nullcontext()):
+    with open_events(sampling.events) as sink, (view or nullcontext()):
         for event in stream_generate(mdl, tok, ids, **overrides):
             if sink is not None:
                 sink.write(json.dumps(event_to_json(event)) + "\n")
@@ -170,64 +316,63 @@ def generate(
                 view.update(event)
             if isinstance(event, EndEvent):
                 end = event
-    if end is not None and not quiet:
+    if end is not None and not sampling.quiet:
         err.print(format_stats(end.stats), style="dim", soft_wrap=True)
 
 
 @app.command()
+@sampling_options(output=False)
 @user_errors
 def chat(
-    model: Optional[str] = ModelOpt,
-    max_new_tokens: Optional[int] = MaxNewTokens,
-    steps: Optional[int] = Steps,
-    entropy_bound: Optional[float] = EntropyBound,
-    t_min: Optional[float] = TMin,
-    t_max: Optional[float] = TMax,
-    seed: Optional[int] = Seed,
-    system: Optional[str] = System,
+    system_prompt: Optional[str] = SystemPrompt,
     think: bool = Think,
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Report cache reuse and rewinds every turn."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", metavar="", help="Report cache reuse and rewinds every turn."),
+    no_history: bool = typer.Option(
+        False, "--no-history", metavar="", help="Keep no input history on disk (also: DGEMMA_HISTORY='')."
+    ),
+    system: Optional[str] = SystemAlias,
+    *,
+    sampling: SamplingArgs,
 ):
     """Chat in a multi-turn REPL that keeps the prefix cache across turns (/help lists commands)."""
+    overrides = sampling.overrides()
+    system_prompt = checked_system_prompt(system_prompt, system, sampling)
+
     from .chat import ChatSession, run_repl
     from .generate import default_settings
 
-    overrides = sampling_overrides(
-        max_new_tokens=max_new_tokens, steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, seed=seed
-    )
-    check_overrides(overrides)
-    name = model or default_model()
-    mdl, tok = load_with_status(name)
+    mdl, tok = sampling.load()
     session = ChatSession(
-        mdl, tok, system=system, think=think, settings=default_settings(mdl).update(**overrides), verbose=verbose
+        mdl, tok, system=system_prompt, think=think, settings=default_settings(mdl).update(**overrides), verbose=verbose
     )
-    run_repl(session, Console(highlight=False))
+    run_repl(session, Console(highlight=False), **({"history_file": None} if no_history else {}))
 
 
 @app.command()
 @user_errors
 def convert(
-    hf_path: str = typer.Option(..., "--hf-path", help="Original checkpoint: local directory or repo id."),
-    mlx_path: str = typer.Option(..., "--mlx-path", help="Output directory."),
-    quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize (experts at --q-bits, the rest at 8)."),
-    q_bits: int = typer.Option(4, "--q-bits", help="Bits of the expert weights: 4 or 8."),
-    q_group_size: int = typer.Option(64, "--q-group-size", help="Quantization group size: 32, 64 or 128."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 (default: the source dtype)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --mlx-path."),
+    hf_path: str = _option(..., "--hf-path", metavar="PATH", help="Original checkpoint: local directory or repo id."),
+    mlx_path: str = _option(..., "--mlx-path", metavar="PATH", help="Output directory."),
+    quantize: bool = typer.Option(
+        False, "--quantize", "-q", metavar="", help="Quantize (experts at --q-bits, the rest at 8)."
+    ),
+    q_bits: int = typer.Option(4, "--q-bits", metavar="N", help="Bits of the expert weights: 4 or 8."),
+    q_group_size: int = typer.Option(64, "--q-group-size", metavar="N", help="Quantization group size: 32, 64 or 128."),
+    dtype: Optional[str] = _option(
+        None, "--dtype", metavar="DTYPE", help="float16, bfloat16 or float32 (default: the source dtype)."
+    ),
+    force: bool = typer.Option(False, "--force", metavar="", help="Replace an existing --mlx-path."),
 ):
     """Convert a Hugging Face DiffusionGemma checkpoint to MLX (optionally quantized)."""
+    check_utf8(hf_path, "--hf-path")
+    check_utf8(mlx_path, "--mlx-path")
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .convert import convert as run_convert
 
     progress = Progress(
-        TextColumn("[bold]Converting"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
+        TextColumn("[bold]Converting"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
     )
     task = None
 
@@ -250,17 +395,27 @@ def convert(
 @user_errors
 def serve(
     model: Optional[str] = ModelOpt,
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="A fine-tuned adapter to load over the model."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port)."),
-    api_key: Optional[str] = typer.Option(
-        None, "--api-key", envvar="DGEMMA_API_KEY", help="Require 'Authorization: Bearer KEY' ($DGEMMA_API_KEY)."
+    adapter: Optional[str] = Adapter,
+    host: str = typer.Option(
+        "127.0.0.1", "--host", metavar="HOST", help="Address to listen on (0.0.0.0: every interface)."
     ),
-    served_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients use (default: --model)."),
-    max_queue: int = typer.Option(32, "--max-queue", help="Requests that may wait; more get 503 with Retry-After."),
-    cache_gb: float = typer.Option(4.0, "--cache-gb", help="Keep the prefix cache between requests up to this size."),
-    allow_origin: Optional[list[str]] = typer.Option(
-        None, "--allow-origin", help="A web origin whose pages may call the server (CORS; repeatable; '*': any)."
+    port: int = typer.Option(8080, "--port", metavar="N", help="Port to listen on (0: any free port)."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="DGEMMA_API_KEY", show_envvar=False, show_default=False, metavar="KEY",
+        help="Require 'Authorization: Bearer KEY' (default: $DGEMMA_API_KEY).",
+    ),
+    served_name: Optional[str] = _option(
+        None, "--served-model-name", metavar="NAME", help="Model id clients use (default: --model)."
+    ),
+    max_queue: int = typer.Option(
+        32, "--max-queue", metavar="N", help="Requests that may wait; more get 503 with Retry-After."
+    ),
+    cache_gb: float = typer.Option(
+        4.0, "--cache-gb", metavar="GB", help="Keep the prefix cache between requests up to this size."
+    ),
+    allow_origin: Optional[list[str]] = _option(
+        None, "--allow-origin", metavar="ORIGIN",
+        help="A web origin whose pages may call the server (CORS; repeatable; '*': any).",
     ),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streamed drafts)."""
@@ -281,6 +436,25 @@ def serve(
     )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("dgemma-mlx")
+        except PackageNotFoundError:
+            v = "unknown"
+        typer.echo(f"dgemma {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", "-V", metavar="", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Run Google's DiffusionGemma locally with MLX and watch every refinement pass."""
 
 
 from . import cli_infill, cli_sudoku, train_cli  # noqa: E402,F401  (register infill, edit, sudoku, models, train, fuse)
@@ -288,8 +462,7 @@ from . import cli_infill, cli_sudoku, train_cli  # noqa: E402,F401  (register in
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 bad input, 2 usage, 130 Ctrl-C)."""
-    try:
-        app(args=argv, prog_name="dgemma")
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
+    from .cli_errors import quiet_third_party, run_app
+
+    quiet_third_party()
+    return run_app(app, argv)

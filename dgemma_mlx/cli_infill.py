@@ -16,26 +16,18 @@ import typer
 from rich.console import Console
 
 from .cli import (
-    EntropyBound,
-    ModelOpt,
-    Seed,
-    Steps,
-    System,
-    TMax,
-    TMin,
+    SamplingArgs,
+    SystemAlias,
+    SystemPrompt,
     app,
-    check_overrides,
-    default_model,
+    check_utf8,
+    checked_system_prompt,
     err,
-    load_with_status,
     open_events,
-    sampling_overrides,
+    sampling_options,
     user_errors,
 )
 from .errors import DGemmaError
-
-Events = typer.Option(None, "--events", help="Write every pass and commit as JSON Lines to FILE ('-': stdout).")
-Quiet = typer.Option(False, "--quiet", "-q", help="No live view and no stats: just the result.")
 
 
 def read_text_arg(text: Optional[str]) -> str:
@@ -66,7 +58,6 @@ def read_file(path: str) -> str:
 def render_run(stream: Iterator, tokenizer, events: Optional[str], quiet: bool):
     """Consume an infill/edit event stream: JSON Lines to ``events``, the passes live on a
     terminal, stats on stderr. Returns the final :class:`~dgemma_mlx.infill.InfillEnd`."""
-    from .channels import channel_ids
     from .events import PassEvent, event_to_json
     from .infill import InfillEnd
     from .render import LiveView, format_stats
@@ -75,8 +66,7 @@ def render_run(stream: Iterator, tokenizer, events: Optional[str], quiet: bool):
     # The view gets only the passes: the result is the whole text, written once at the end.
     view = None
     if events != "-" and out.is_terminal and not quiet:
-        start, end_id = channel_ids(tokenizer)
-        view = LiveView(tokenizer, out, channel_start_id=start, channel_end_id=end_id)
+        view = LiveView(tokenizer, out)
     end = None
     with open_events(events) as sink, (view or nullcontext()):
         for event in stream:
@@ -112,70 +102,73 @@ def parse_lengths(spec: Optional[str]) -> Optional[list[int]]:
 
 
 @app.command()
+@sampling_options(length=False)
 @user_errors
 def infill(
     text: Optional[str] = typer.Argument(
-        None, help="Text with holes <|fill|> or <|fill:N|>; an existing path is read as a file; '-' or a pipe: stdin."
+        None, metavar="TEXT", show_default=False,
+        help="Text with holes <|fill|> or <|fill:N|>; an existing path is read as a file; '-' or a pipe: stdin.",
     ),
-    model: Optional[str] = ModelOpt,
-    fill_length: int = typer.Option(32, "--fill-length", help="Tokens of a <|fill|> hole."),
+    fill_length: int = typer.Option(32, "--fill-length", metavar="N", help="Tokens of a <|fill|> hole."),
     try_lengths: Optional[str] = typer.Option(
-        None, "--try-lengths", help="Comma-separated lengths to try for <|fill|> holes; keep the best-scoring."
+        None, "--try-lengths", metavar="N,N,...", show_default=False,
+        help="Comma-separated lengths to try for <|fill|> holes; keep the best-scoring.",
     ),
-    chat: bool = typer.Option(False, "--chat/--raw", help="Ask through the chat template (instruction-tuned models)."),
-    steps: Optional[int] = Steps,
-    entropy_bound: Optional[float] = EntropyBound,
-    t_min: Optional[float] = TMin,
-    t_max: Optional[float] = TMax,
-    seed: Optional[int] = Seed,
-    system: Optional[str] = System,
-    events: Optional[str] = Events,
-    quiet: bool = Quiet,
+    chat: bool = typer.Option(
+        False, "--chat/--raw", metavar="", help="Ask through the chat template (instruction-tuned models)."
+    ),
+    system_prompt: Optional[str] = SystemPrompt,
+    system: Optional[str] = SystemAlias,
+    *,
+    sampling: SamplingArgs,
 ):
     """Fill the holes in a text; print the whole text, holes filled."""
     from .infill import parse_holes, stream_infill
 
-    overrides = sampling_overrides(steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, seed=seed)
-    check_overrides(overrides)
+    overrides = sampling.overrides()
+    system_prompt = checked_system_prompt(system_prompt, system, sampling)
     if fill_length <= 0:
         raise DGemmaError(f"--fill-length must be at least 1 token (got {fill_length})")
     lengths = parse_lengths(try_lengths)
     source = read_text_arg(text)
     parse_holes(source)  # bad holes fail before the model loads
-    mdl, tok = load_with_status(model or default_model(), quiet)
-    stream = stream_infill(mdl, tok, source, fill_length=fill_length, lengths=lengths, chat=chat, system=system,
-                           **overrides)
-    end = render_run(stream, tok, events, quiet)
-    if end is not None and events != "-":
+    mdl, tok = sampling.load(sampling.quiet)
+    stream = stream_infill(
+        mdl, tok, source, fill_length=fill_length, lengths=lengths, chat=chat, system=system_prompt, **overrides
+    )
+    end = render_run(stream, tok, sampling.events, sampling.quiet)
+    if end is not None and sampling.events != "-":
         write_stdout(end.text)
 
 
 @app.command()
+@sampling_options(length=False)
 @user_errors
 def edit(
-    file: str = typer.Argument(..., help="The file to edit."),
-    lines: str = typer.Option(..., "--lines", help="Lines to rewrite, A-B (1-based, inclusive)."),
+    file: str = typer.Argument(..., metavar="FILE", help="The file to edit."),
+    lines: str = typer.Option(..., "--lines", metavar="A-B", help="Lines to rewrite, A-B (1-based, inclusive)."),
     instruction: Optional[str] = typer.Option(
-        None, "--instruction", help="What to change (through the chat template); without it the lines are re-infilled."
+        None, "--instruction", metavar="TEXT", show_default=False,
+        help="What to change (through the chat template); without it the lines are re-infilled.",
     ),
-    in_place: bool = typer.Option(False, "--in-place", "-i", help="Replace FILE (atomically) instead of printing."),
-    length: Optional[int] = typer.Option(None, "--length", help="Tokens of the rewritten lines (default: as now)."),
-    model: Optional[str] = ModelOpt,
-    steps: Optional[int] = Steps,
-    entropy_bound: Optional[float] = EntropyBound,
-    t_min: Optional[float] = TMin,
-    t_max: Optional[float] = TMax,
-    seed: Optional[int] = Seed,
-    system: Optional[str] = System,
-    events: Optional[str] = Events,
-    quiet: bool = Quiet,
+    in_place: bool = typer.Option(
+        False, "--in-place", "-i", metavar="", help="Replace FILE (atomically) instead of printing."
+    ),
+    length: Optional[int] = typer.Option(
+        None, "--length", metavar="N", show_default=False, help="Tokens of the rewritten lines (default: as now)."
+    ),
+    system_prompt: Optional[str] = SystemPrompt,
+    system: Optional[str] = SystemAlias,
+    *,
+    sampling: SamplingArgs,
 ):
     """Rewrite a range of lines of a file, starting from their current text."""
     from .files import atomic_write_text
     from .infill import line_range, stream_edit
 
-    overrides = sampling_overrides(steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, seed=seed)
-    check_overrides(overrides)
+    overrides = sampling.overrides()
+    system_prompt = checked_system_prompt(system_prompt, system, sampling)
+    check_utf8(instruction, "the instruction")
     a, b = line_range(lines)
     source = read_file(file)
     n_lines = len(source.splitlines())
@@ -183,14 +176,17 @@ def edit(
         raise DGemmaError(f"--lines {a}-{b} is outside '{file}' ({n_lines} lines)")
     if length is not None and length <= 0:
         raise DGemmaError(f"--length must be at least 1 token (got {length})")
-    mdl, tok = load_with_status(model or default_model(), quiet)
-    stream = stream_edit(mdl, tok, source, (a, b), instruction=instruction, length=length, system=system, **overrides)
-    end = render_run(stream, tok, events, quiet)
+    mdl, tok = sampling.load(sampling.quiet)
+    stream = stream_edit(
+        mdl, tok, source, (a, b), instruction=instruction, length=length, system=system_prompt, **overrides
+    )
+    end = render_run(stream, tok, sampling.events, sampling.quiet)
     if end is None:
         return
     if in_place:
         atomic_write_text(file, end.text, what="write")
-        if not quiet:
+        if not sampling.quiet:
             err.print(f"Rewrote lines {a}-{b} of {file}", style="dim")
-    elif events != "-":
+    elif sampling.events != "-":
         write_stdout(end.text)
+

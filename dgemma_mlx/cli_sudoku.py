@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .cli import Seed, Steps, app, err, load_with_status, sampling_overrides, check_overrides, user_errors
+from .cli import Adapter, SamplingArgs, Seed, Steps, app, err, user_errors
 from .errors import DGemmaError
 
 NOT_SOLVED = 3  # exit status when the final board is not a valid solution
@@ -43,10 +43,16 @@ def board_text(digits: list[int], given: list[bool], accepted: list[bool], entro
 @app.command()
 @user_errors
 def sudoku(
-    puzzle: Optional[str] = typer.Argument(None, help="81 characters, digits with 0 or '.' for blanks ('-': stdin)."),
-    model: str = typer.Option("sudoku", "--model", "-m", help="A Sudoku model: the bundled one, or a checkpoint recipes/sudoku trained."),
-    random_puzzle: bool = typer.Option(False, "--random", help="Solve a random puzzle with a unique solution."),
-    givens: int = typer.Option(35, "--givens", help="Givens of the --random puzzle (17-81)."),
+    puzzle: Optional[str] = typer.Argument(
+        None, metavar="PUZZLE", show_default=False, help="81 characters, digits with 0 or '.' for blanks ('-': stdin)."
+    ),
+    model: str = typer.Option(
+        "sudoku", "--model", "-m", metavar="PATH",
+        help="A Sudoku model: the bundled one, or a checkpoint recipes/sudoku trained.",
+    ),
+    adapter: Optional[str] = Adapter,
+    random_puzzle: bool = typer.Option(False, "--random", metavar="", help="Solve a random puzzle with a unique solution."),
+    givens: int = typer.Option(35, "--givens", metavar="N", help="Givens of the --random puzzle (17-81)."),
     seed: Optional[int] = Seed,
     steps: Optional[int] = Steps,
 ):
@@ -58,19 +64,19 @@ def sudoku(
     from . import sudoku as sd
     from .events import EndEvent, PassEvent
 
-    overrides = sampling_overrides(seed=seed, steps=steps)
-    check_overrides(overrides)
+    sampling = SamplingArgs(model=model, adapter=adapter, seed=seed, steps=steps)
+    overrides = sampling.overrides()
     if random_puzzle:
         if puzzle is not None:
             raise DGemmaError("give a PUZZLE or --random, not both")
-        board, _ = sd.make_puzzle(_random.Random(seed), givens)
+        board, _ = sd.make_puzzle(_random.Random(None if seed == -1 else seed), givens)
     else:
         if puzzle is None or puzzle == "-":
             if puzzle is None and sys.stdin.isatty():
                 raise DGemmaError("no puzzle given: pass PUZZLE (81 characters), pipe it on stdin, or use --random")
             puzzle = sys.stdin.read()
         board = sd.parse_board(puzzle)
-    mdl, tok = load_with_status(model)
+    mdl, tok = sampling.load()
     sd.check_model(mdl)
     out = Console(highlight=False)
     given = [d != 0 for d in board]

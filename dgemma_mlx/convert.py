@@ -16,7 +16,6 @@ import contextlib
 import io
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -25,6 +24,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .config import ModelArgs
 from .errors import DGemmaError
+from .files import atomic_dir
 from .loading import (
     DTYPES,
     apply_weights,
@@ -36,6 +36,7 @@ from .loading import (
     weight_files,
 )
 from .model import Model
+from .settings import REFERENCE_GENERATION_CONFIG
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -46,17 +47,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-# The reference's defaults (transformers DiffusionGemmaGenerationConfig), for sources without
-# a generation_config.json.
-DEFAULT_GENERATION_CONFIG = {
-    "max_denoising_steps": 48,
-    "t_max": 0.8,
-    "t_min": 0.4,
-    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
-    "max_new_tokens": 256,
-}
 Q_BITS = (4, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 SHARD_GB = 5
@@ -152,19 +142,13 @@ def convert(
             )
         quantization = qconfig["quantization"]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         _write_weights(model, tmp, shard_gb, progress)
         config = _output_config(source_config, dtype, quantization)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        generation = load_generation_config(src) or dict(DEFAULT_GENERATION_CONFIG)
+        generation = load_generation_config(src) or dict(REFERENCE_GENERATION_CONFIG)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         _copy_tokenizer(src, tmp)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -195,17 +179,3 @@ def _write_weights(model: Model, dst: Path, shard_gb: int, progress: Optional[Pr
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            old.rename(out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional, Union
 
+from .channels import Segment
+
 
 @dataclass(frozen=True)
 class PassEvent:
@@ -68,8 +70,11 @@ class CommitEvent:
         block: 0-based block index.
         tokens: the committed token ids that are part of the output: the argmax canvas cut before
             the first EOS and at ``max_new_tokens``.
-        text: the decoded text of ``tokens`` (continuing the text of earlier blocks, so the
-            concatenation of all commit texts is the full output).
+        text: the new answer text of this block (continuing earlier blocks: the concatenation of
+            all commit texts is the whole answer).
+        thought: the new thought text of this block (empty when the model is not thinking).
+        segments: the new text in output order, typed ``"thought"`` / ``"answer"``: the
+            generator splits the channels once, every consumer reads them from here.
         steps: denoising passes this block took.
         eos: True when an EOS token ended generation inside this block.
         finished: True when this is the last block (EOS, token budget reached, or cancelled).
@@ -83,6 +88,8 @@ class CommitEvent:
     eos: bool
     finished: bool
     encoded: bool
+    thought: str = ""
+    segments: tuple[Segment, ...] = ()
     type: Literal["commit"] = "commit"
 
 

@@ -19,6 +19,8 @@ from typing import Iterator, Union
 
 from .errors import DGemmaError
 
+PathLike = Union[str, "os.PathLike[str]"]
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -26,7 +28,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Union[str, Path], data: bytes, *, what: str = "write") -> Path:
+def atomic_write_bytes(path: PathLike, data: bytes, *, what: str = "write") -> Path:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a
     part. Errors are one-line :class:`DGemmaError` s ("cannot {what} '{path}': ...")."""
     path = Path(path).expanduser()
@@ -56,13 +58,13 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes, *, what: str = "writ
     return path
 
 
-def atomic_write_text(path: Union[str, Path], data: str, *, what: str = "write") -> Path:
+def atomic_write_text(path: PathLike, data: str, *, what: str = "write") -> Path:
     """:func:`atomic_write_bytes` for UTF-8 text (newlines written as given)."""
     return atomic_write_bytes(path, data.encode("utf-8"), what=what)
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Union[str, Path]) -> Iterator[Path]:
+def atomic_dir(out: PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; on success it replaces ``out`` (with umask
     permissions throughout); on any error or interrupt it is removed and ``out`` is kept."""
     out = Path(out)

@@ -15,97 +15,17 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
 from .cache import PrefixCache
-from .channels import ChannelSplitter, channel_ids
+from .channels import ChannelSplitter, text_of
 from .errors import DGemmaError
 from .events import CommitEvent, EndEvent, Event, GenerationStats, PassEvent
 from .refine import initial_canvas, refine_block
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Sampling settings. Defaults are the reference's; a checkpoint's ``generation_config.json``
-    overrides them (:meth:`from_generation_config`) and the caller overrides both."""
-
-    max_new_tokens: int = 256
-    steps: int = 48
-    entropy_bound: float = 0.1
-    t_min: float = 0.4
-    t_max: float = 0.8
-    stability_threshold: int = 1
-    confidence_threshold: float = 0.005
-    seed: Optional[int] = None
-
-    @classmethod
-    def from_generation_config(cls, config: Optional[dict[str, Any]]) -> "GenerationSettings":
-        config = config or {}
-        found: dict[str, Any] = {}
-        names = {
-            "max_new_tokens": "max_new_tokens",
-            "max_denoising_steps": "steps",
-            "t_min": "t_min",
-            "t_max": "t_max",
-            "stability_threshold": "stability_threshold",
-            "confidence_threshold": "confidence_threshold",
-        }
-        for src, dst in names.items():
-            if config.get(src) is not None:
-                found[dst] = config[src]
-        sampler = config.get("sampler_config")
-        if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
-            found["entropy_bound"] = sampler["entropy_bound"]
-        return cls().update(**found)
-
-    def update(self, **overrides: Any) -> "GenerationSettings":
-        """A copy with the non-None ``overrides`` applied and checked."""
-        known = {f.name for f in fields(self)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise DGemmaError(f"unknown generation setting '{sorted(unknown)[0]}'")
-        values = {k: v for k, v in overrides.items() if v is not None}
-        try:
-            for k in ("max_new_tokens", "steps", "stability_threshold"):
-                if k in values:
-                    values[k] = _as_int(values[k], k)
-            for k in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
-                if k in values:
-                    values[k] = float(values[k])
-            if values.get("seed") is not None:
-                values["seed"] = _as_int(values["seed"], "seed")
-        except (TypeError, ValueError):
-            raise DGemmaError(f"generation setting has a value of the wrong type: {values}")
-        settings = replace(self, **values)
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        if self.steps <= 0:
-            raise DGemmaError(f"steps must be at least 1 (got {self.steps})")
-        if self.max_new_tokens <= 0:
-            raise DGemmaError(f"max-new-tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.entropy_bound <= 0:
-            raise DGemmaError(f"entropy-bound must be positive (got {self.entropy_bound})")
-        if self.t_min < 0 or self.t_max <= self.t_min:
-            raise DGemmaError(f"temperatures need 0 <= t-min < t-max (got t-min {self.t_min}, t-max {self.t_max})")
-        if self.stability_threshold < 0:
-            raise DGemmaError(f"stability threshold must be >= 0 (got {self.stability_threshold})")
-        if self.confidence_threshold <= 0:
-            raise DGemmaError(f"confidence threshold must be positive (got {self.confidence_threshold})")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(name)
-    return int(value)
+from .settings import GenerationSettings
 
 
 def default_settings(model) -> GenerationSettings:
@@ -203,7 +123,7 @@ def stream_generate(
     warm = position_tokens(warm_start, n_blocks * C, V, "warm start")
     pins = position_tokens(pinned, n_blocks * C, V, "pinned")
     eos = set(args.eos_token_ids) if stop_at_eos else set()
-    splitter = ChannelSplitter(tokenizer, *channel_ids(tokenizer))
+    splitter = ChannelSplitter(tokenizer)
 
     cache.reserve(cache.offset + len(ids) + n_blocks * C)
     seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -253,11 +173,10 @@ def stream_generate(
             finish = "eos"
         if not finished:
             model.encode(argmax, cache)
-        text = "".join(s.text for s in splitter.feed(kept))
-        if finished:
-            text += "".join(s.text for s in splitter.flush())
+        segments = splitter.commit(kept, final=finished)
         yield CommitEvent(
-            block=block, tokens=kept, text=text, steps=steps, eos=hit_eos, finished=finished, encoded=not finished
+            block=block, tokens=kept, text=text_of(segments, "answer"), steps=steps, eos=hit_eos,
+            finished=finished, encoded=not finished, thought=text_of(segments, "thought"), segments=segments,
         )
         if finished:
             break

@@ -34,9 +34,26 @@ def looks_like_repo_id(name: str) -> bool:
     return bool(REPO_ID.match(name)) and not name.startswith((".", "/", "~"))
 
 
-def resolve_model_path(path_or_repo: Union[str, Path], *, weights: bool = True) -> Path:
+BUNDLED_MODELS: tuple[str, ...] = ()
+"""Names of models that ship with the package and load without the network (none yet)."""
+
+
+def default_model_unavailable(name: str) -> str:
+    """The error for the default model when it is neither cached nor reachable (offline, no
+    network): what to pass instead, including any :data:`BUNDLED_MODELS`."""
+    message = (
+        f"cannot fetch the default model '{name}': it is not in the Hugging Face cache and the Hub "
+        "cannot be reached; pass a local --model PATH"
+    )
+    if BUNDLED_MODELS:
+        message += " or a bundled model (" + ", ".join(BUNDLED_MODELS) + ")"
+    return message
+
+
+def resolve_model_path(path_or_repo: Union[str, Path], *, weights: bool = True, default: bool = False) -> Path:
     """A local directory for ``path_or_repo``, downloading a repo id into the Hugging Face cache
-    (with progress) when needed. Honours ``HF_HUB_OFFLINE`` and the cache location variables."""
+    (with progress) when needed. Honours ``HF_HUB_OFFLINE`` and the cache location variables.
+    ``default`` marks the default model (its error names the alternatives)."""
     name = str(path_or_repo)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -56,21 +73,26 @@ def resolve_model_path(path_or_repo: Union[str, Path], *, weights: bool = True) 
         RevisionNotFoundError,
     )
 
+    # A repo id is also a relative path: until the Hub answers, it may be a mistyped directory.
+    local = "" if default else "there is no such local directory, "
     patterns = ALLOW_PATTERNS if weights else [p for p in ALLOW_PATTERNS if "safetensors" not in p]
     try:
         return Path(snapshot_download(name, allow_patterns=patterns))
     except GatedRepoError:
         raise DGemmaError(f"'{name}' is a gated repository: log in with `hf auth login` first")
     except (RepositoryNotFoundError, RevisionNotFoundError):
-        raise DGemmaError(f"'{name}' is neither a local directory nor a Hugging Face repository")
+        what = "a Hugging Face repository" if default else "a local directory nor a Hugging Face repository"
+        raise DGemmaError(f"'{name}' is {'not' if default else 'neither'} {what}")
     except LocalEntryNotFoundError:
+        if default:
+            raise DGemmaError(default_model_unavailable(name))
         raise DGemmaError(
-            f"cannot fetch '{name}': it is not in the Hugging Face cache and the Hub cannot be "
-            "reached; pass a local --model PATH"
+            f"cannot fetch '{name}': {local}it is not in the Hugging Face cache and the Hub cannot be reached; "
+            "check the path, or pass a local --model PATH"
         )
     except Exception as e:  # connection errors, HTTP errors, disk errors
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DGemmaError(f"cannot fetch '{name}' from the Hugging Face Hub: {reason}")
+        raise DGemmaError(f"cannot fetch '{name}' from the Hugging Face Hub ({local}the Hub failed): {reason}")
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

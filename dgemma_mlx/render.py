@@ -24,7 +24,7 @@ from rich.live import Live
 from rich.style import Style
 from rich.text import Text
 
-from .channels import ChannelSplitter
+from .channels import Segment
 from .events import CommitEvent, EndEvent, Event, GenerationStats, PassEvent
 
 __all__ = [
@@ -34,7 +34,9 @@ __all__ = [
     "LiveView",
     "PlainView",
     "TokenPieces",
+    "format_memory",
     "format_stats",
+    "plural",
     "make_view",
     "noise_style",
 ]
@@ -240,23 +242,25 @@ def committed_text(thought: str, answer: str) -> Text:
     return text
 
 
-class _Transcript:
-    """Committed tokens split into thought and answer."""
+class _Committed:
+    """The committed thought and answer, accumulated from the events' typed segments."""
 
-    def __init__(self, tokenizer, channel_start_id: int, channel_end_id: int):
-        self.splitter = ChannelSplitter(tokenizer, channel_start_id, channel_end_id)
-        self.count = 0
+    def __init__(self):
+        self.thought = ""
+        self.answer = ""
 
-    def commit(self, tokens: list[int]):
-        self.count += len(tokens)
-        return self.splitter.feed(tokens)
+    def add(self, segments: tuple[Segment, ...]) -> None:
+        for seg in segments:
+            if seg.kind == "thought":
+                self.thought += seg.text
+            else:
+                self.answer += seg.text
 
-    def end(self, event: Optional[EndEvent]):
-        """Feed what the commits missed (if any) and release held-back text."""
-        segments = []
-        if event is not None and len(event.tokens) > self.count:
-            segments += self.commit(event.tokens[self.count :])
-        return segments + self.splitter.flush()
+    def final(self, end: Optional[EndEvent]) -> tuple[str, str]:
+        """``(thought, answer)`` to print last: what was committed, else the end event's text."""
+        if (self.thought or self.answer) or end is None:
+            return self.thought, self.answer
+        return end.thought, end.text
 
 
 class LiveView:
@@ -286,15 +290,13 @@ class LiveView:
         console: Optional[Console] = None,
         *,
         refresh_per_second: float = 30.0,
-        channel_start_id: int = 100,
-        channel_end_id: int = 101,
     ):
         self.console = console if console is not None else Console()
         self._wake = threading.Event()
         self._painter: Optional[threading.Thread] = None
         self.refresh_per_second = refresh_per_second
         self.pieces = TokenPieces(tokenizer)
-        self._transcript = _Transcript(tokenizer, channel_start_id, channel_end_id)
+        self._transcript = _Committed()
         self._committed: tuple[str, str] = ("", "")
         # (pass event, previous canvas of the same block or None); replaced atomically.
         self._pass: Optional[tuple[PassEvent, Optional[list[int]]]] = None
@@ -352,9 +354,8 @@ class LiveView:
             self._last_pass = event
             self._last_commit = None
         elif isinstance(event, CommitEvent):
-            self._transcript.commit(event.tokens)
-            s = self._transcript.splitter
-            self._committed = (s.thought, s.answer)
+            self._transcript.add(event.segments)
+            self._committed = (self._transcript.thought, self._transcript.answer)
             self._last_commit = event
             self._pass = None
         elif isinstance(event, EndEvent):
@@ -373,12 +374,9 @@ class LiveView:
             self._painter.join()
         if self._live is not None:
             self._live.stop()
-        self._transcript.end(self.end)
-        s = self._transcript.splitter
-        self._committed = (s.thought, s.answer)
-        thought, answer = s.thought.strip(), s.answer.strip()
-        if not (thought or answer) and self.end is not None and not self.end.tokens:
-            answer = self.end.text.strip()
+        thought, answer = self._transcript.final(self.end)
+        self._committed = (thought, answer)
+        thought, answer = thought.strip(), answer.strip()
         if thought:
             self.console.print(Text("thinking", LABEL_STYLE))
             self.console.print(Text(thought, THOUGHT_STYLE), soft_wrap=True)
@@ -442,12 +440,8 @@ class PlainView:
         self,
         tokenizer,
         file: Optional[TextIO] = None,
-        *,
-        channel_start_id: int = 100,
-        channel_end_id: int = 101,
     ):
         self.file = file if file is not None else sys.stdout
-        self._transcript = _Transcript(tokenizer, channel_start_id, channel_end_id)
         self._started = False
         self._last = ""
         self._closed = False
@@ -462,7 +456,7 @@ class PlainView:
     def update(self, event: Event) -> None:
         """Write the answer text of a committed block; finish on :class:`EndEvent`."""
         if isinstance(event, CommitEvent):
-            self._write(self._transcript.commit(event.tokens))
+            self._write(event.segments)
         elif isinstance(event, EndEvent):
             self.end = event
             self.close()
@@ -472,8 +466,7 @@ class PlainView:
         if self._closed:
             return
         self._closed = True
-        self._write(self._transcript.end(self.end))
-        if not self._started and self.end is not None and not self.end.tokens and self.end.text.strip():
+        if not self._started and self.end is not None and self.end.text.strip():
             self._write_text(self.end.text.lstrip("\n"))
         if self._started and not self._last.endswith("\n"):
             self._write_text("\n")
@@ -492,22 +485,33 @@ class PlainView:
 
 
 def make_view(tokenizer, console: Optional[Console] = None, *, plain: Optional[bool] = None, **kwargs):
-    """A :class:`LiveView` when the console is a terminal (or ``plain=False``), else a
-    :class:`PlainView` writing to the console's file."""
+    """The one place a view is chosen: a :class:`LiveView` when the console is a terminal (and
+    ``plain`` is not True), else a :class:`PlainView` writing to the console's file."""
     console = console if console is not None else Console()
     if plain is None:
         plain = not console.is_terminal
     if plain:
-        return PlainView(tokenizer, console.file, **kwargs)
+        return PlainView(tokenizer, console.file)
     return LiveView(tokenizer, console, **kwargs)
+
+
+def plural(n: int, one: str, many: Optional[str] = None) -> str:
+    """``"1 block"``, ``"2 blocks"``."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def format_memory(gigabytes: float) -> str:
+    """``"512 MB"`` below 1 GB, else ``"17.92 GB"``."""
+    return f"{gigabytes * 1000:.0f} MB" if gigabytes < 1 else f"{gigabytes:.2f} GB"
 
 
 def format_stats(stats: GenerationStats) -> str:
     """Two lines for stderr: prompt tokens and prefill speed; generated tokens, blocks, passes,
     tokens per pass, generation speed, time and peak memory."""
     return (
-        f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_tps:.1f} tok/s ({stats.prompt_seconds:.2f} s)\n"
-        f"generation: {stats.generated_tokens} tokens, {stats.blocks} blocks, {stats.steps} passes, "
-        f"{stats.tokens_per_forward:.2f} tok/pass, {stats.generation_tps:.1f} tok/s "
-        f"({stats.generation_seconds:.2f} s), peak memory {stats.peak_memory_gb:.2f} GB"
+        f"prompt: {plural(stats.prompt_tokens, 'token')}, {stats.prefill_tps:.1f} tok/s ({stats.prompt_seconds:.2f} s)\n"
+        f"generation: {plural(stats.generated_tokens, 'token')}, {plural(stats.blocks, 'block')}, "
+        f"{plural(stats.steps, 'pass', 'passes')}, {stats.tokens_per_forward:.2f} tok/pass, "
+        f"{stats.generation_tps:.1f} tok/s ({stats.generation_seconds:.2f} s), "
+        f"peak memory {format_memory(stats.peak_memory_gb)}"
     )

@@ -18,8 +18,9 @@ import mlx.core as mx
 import pytest
 from rich.console import Console
 
-import dgemma_mlx.chat as chat
+import dgemma_mlx.chat.session as chat  # where the session calls stream_generate
 from dgemma_mlx.cache import FullAttentionCache
+from dgemma_mlx.channels import ChannelSplitter
 from dgemma_mlx.chat import ChatRepl, ChatSession, parse_params, run_repl
 from dgemma_mlx.errors import DGemmaError
 from dgemma_mlx.events import CommitEvent, EndEvent, GenerationStats, PassEvent
@@ -365,7 +366,7 @@ def test_save_is_atomic_and_load_round_trips(model, tokenizer, tmp_path, monkeyp
     def failing_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(chat.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(DGemmaError, match="No space left"):
         session.save(path)
     monkeypatch.undo()
@@ -587,10 +588,12 @@ def fake_thinking_stream(model, tokenizer, prompt, *, cache, settings=None, **kw
     thought = tokenizer.encode("thought\nthe sky is blue", add_special_tokens=False)
     answer = tokenizer.encode("a sky", add_special_tokens=False)
     tokens = [100, *thought, 101, *answer]
+    segments = ChannelSplitter(tokenizer).commit(tokens, final=True)  # as the generator splits them
     C = model.args.canvas_length
     yield PassEvent(block=0, step=1, max_steps=1, temperature=0.4, canvas=(tokens + [0] * C)[:C],
                     accepted=[True] * C, entropy=[0.0] * C, mean_entropy=0.0, stopped=True, elapsed=0.0)
-    yield CommitEvent(block=0, tokens=tokens, text="", steps=1, eos=True, finished=True, encoded=False)
+    yield CommitEvent(block=0, tokens=tokens, text="a sky", steps=1, eos=True, finished=True, encoded=False,
+                      thought="the sky is blue", segments=segments)
     yield EndEvent(text="a sky", tokens=tokens, finish_reason="eos", stats=GenerationStats(), thought="the sky is blue")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import mlx.core as mx
@@ -15,7 +16,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
-from dgemma_mlx import DGemmaError
+from dgemma_mlx import DGemmaError, load
 from dgemma_mlx.events import CommitEvent, PassEvent
 from dgemma_mlx.generate import GenerationSettings, build_prompt, default_settings, generate, stream_generate
 from dgemma_mlx.sampler import sample_tokens, uniform_tokens
@@ -181,11 +182,55 @@ def test_pass_events_describe_each_pass(model, tokenizer, prompt):
     assert end.stats.steps == len(passes) and end.stats.blocks == 1 and end.stats.prompt_tokens == len(prompt)
 
 
-def test_settings_default_to_the_checkpoint_generation_config(model):
-    model_settings = default_settings(model)
-    assert (model_settings.steps, model_settings.entropy_bound, model_settings.t_max) == (48, 0.1, 0.8)
-    assert GenerationSettings.from_generation_config({"max_denoising_steps": 7, "t_min": None}).steps == 7
+def test_settings_default_to_the_checkpoint_generation_config(checkpoint, tmp_path):
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    for f in checkpoint.iterdir():
+        (custom / f.name).symlink_to(f)
+    (custom / "generation_config.json").unlink()
+    config = {"max_denoising_steps": 7, "t_min": 0.2, "t_max": 0.9, "max_new_tokens": 40,
+              "sampler_config": {"entropy_bound": 0.3}, "eos_token_id": [1, 106, 50]}
+    (custom / "generation_config.json").write_text(json.dumps(config))
+    model, _ = load(custom)
+    settings = default_settings(model)
+    assert (settings.steps, settings.t_min, settings.t_max, settings.max_new_tokens, settings.entropy_bound) == (
+        7, 0.2, 0.9, 40, 0.3)
+    assert settings.confidence_threshold == GenerationSettings().confidence_threshold  # absent: the reference's
+    assert GenerationSettings.from_generation_config({"max_denoising_steps": 7, "t_min": None}).t_min == 0.4
     assert GenerationSettings.from_generation_config({}) == GenerationSettings()
+
+
+def test_passes_walk_the_temperature_schedule_from_t_max_down(model, tokenizer, prompt):
+    # A confidence threshold nothing reaches: every block takes all its passes.
+    events = list(stream_generate(model, tokenizer, prompt, steps=4, max_new_tokens=16, seed=0,
+                                  t_min=0.2, t_max=1.0, confidence_threshold=1e-30))
+    temperatures = [e.temperature for e in events if isinstance(e, PassEvent)]
+    assert temperatures[0] == pytest.approx(1.0)
+    assert temperatures == pytest.approx([0.2 + 0.8 * n / 4 for n in (4, 3, 2, 1)])  # never t_min itself
+
+
+def test_a_constant_temperature_is_used_by_every_pass(model, tokenizer, prompt):
+    events = list(stream_generate(model, tokenizer, prompt, steps=3, max_new_tokens=16, seed=0, temp=0.7,
+                                  confidence_threshold=1e-30))
+    assert [e.temperature for e in events if isinstance(e, PassEvent)] == pytest.approx([0.7] * 3)
+
+
+@pytest.mark.parametrize("seed", [-1, None])
+def test_seed_minus_one_means_random(model, tokenizer, prompt, seed):
+    runs = [generate(model, tokenizer, prompt, steps=2, max_new_tokens=16, seed=seed).tokens for _ in range(2)]
+    assert runs[0] != runs[1]
+
+
+@pytest.mark.parametrize("seed", [0, 2**63, 2**64 - 1])
+def test_seeds_up_to_two_to_the_64_are_reproducible(model, tokenizer, prompt, seed):
+    runs = [generate(model, tokenizer, prompt, steps=2, max_new_tokens=16, seed=seed).tokens for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("seed", [-2, 2**64, "x", 1.5, True])
+def test_bad_seeds_are_rejected_before_any_work(model, tokenizer, prompt, seed):
+    with pytest.raises(DGemmaError, match="seed"):
+        next(stream_generate(model, tokenizer, prompt, seed=seed))
 
 
 @pytest.mark.parametrize(

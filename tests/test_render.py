@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import io
 import re
-import time
 
 import pytest
 from rich.console import Console
 
+from dgemma_mlx.channels import ChannelSplitter
 from dgemma_mlx.events import CommitEvent, EndEvent, GenerationStats, PassEvent
 from dgemma_mlx.render import (
     ACCEPTED_STYLE,
-    CHANGED_STYLE,
     LiveView,
     PlainView,
     TokenPieces,
@@ -35,8 +34,17 @@ def make_pass(canvas, *, block=0, step=1, accepted=None, entropy=None, mean_entr
     )
 
 
-def commit(tokens, block=0, finished=False):
-    return CommitEvent(block=block, tokens=list(tokens), text="", steps=3, eos=False, finished=finished, encoded=True)
+def commits(tok):
+    """``commit(tokens, block, finished)`` making the commit events of one generation, with the
+    typed segments the generator's splitter gives them."""
+    splitter = ChannelSplitter(tok)
+
+    def commit(tokens, block=0, finished=False):
+        segments = splitter.commit(tokens, final=finished)
+        return CommitEvent(block=block, tokens=list(tokens), text="", steps=3, eos=False, finished=finished,
+                           encoded=True, segments=segments)
+
+    return commit
 
 
 def recording_console(width=80, height=24) -> Console:
@@ -116,10 +124,10 @@ def test_tokens_changed_since_the_previous_pass_are_marked(tok):
     view.update(make_pass(second, step=2))
     assert all(s.underline for s in styles_of(view, view.console, " a"))
     assert not any(s.underline for s in styles_of(view, view.console, " sky"))
-    assert CHANGED_STYLE.underline
 
 
 def test_first_pass_of_a_block_marks_nothing_changed(tok):
+    commit = commits(tok)
     view = LiveView(tok, recording_console())
     view.update(make_pass(enc(tok, "The sky"), block=0))
     view.update(commit(enc(tok, "The sky")))
@@ -154,6 +162,7 @@ def test_status_line_before_the_first_pass_says_prefilling(tok):
 
 
 def test_committed_thought_is_shown_dim_under_a_thinking_label(tok):
+    commit = commits(tok)
     view = LiveView(tok, recording_console())
     view.update(commit(enc(tok, "<|channel>thought\nhmm<channel|>The sky")))
     text = frame_text(view, view.console)
@@ -163,6 +172,7 @@ def test_committed_thought_is_shown_dim_under_a_thinking_label(tok):
 
 
 def test_region_fits_the_console_height_with_a_long_committed_text(tok):
+    commit = commits(tok)
     console = recording_console(width=40, height=12)
     view = LiveView(tok, console)
     lines = [f"line {i} the sky is blue" for i in range(60)]
@@ -195,6 +205,7 @@ def final_output(console: Console) -> str:
 
 
 def test_after_end_event_the_final_answer_is_printed_as_plain_text(tok):
+    commit = commits(tok)
     console = recording_console(width=40)
     answer = "The sky is blue. " * 6 + "日本"
     ids = enc(tok, answer)
@@ -212,6 +223,7 @@ def test_after_end_event_the_final_answer_is_printed_as_plain_text(tok):
 
 
 def test_final_output_shows_the_thought_dimmed_apart_from_the_answer(tok):
+    commit = commits(tok)
     console = recording_console()
     ids = enc(tok, "<|channel>thought\nhmm the sky<channel|>The sky is blue.")
     with LiveView(tok, console) as view:
@@ -224,6 +236,7 @@ def test_final_output_shows_the_thought_dimmed_apart_from_the_answer(tok):
 
 
 def test_leaving_early_prints_the_committed_answer_once(tok):
+    commit = commits(tok)
     console = recording_console()
     with pytest.raises(KeyboardInterrupt):
         with LiveView(tok, console) as view:
@@ -248,18 +261,16 @@ def test_update_only_swaps_state_and_never_draws(tok, monkeypatch):
     monkeypatch.setattr(LiveView, "__rich_console__", counting)
     ids = enc(tok, "The sky is blue")
     with LiveView(tok, console, refresh_per_second=4) as view:
-        start = time.perf_counter()
         for step in range(1, 501):
             view.update(make_pass(ids, step=step))
-        elapsed = time.perf_counter() - start
-    assert len(renders) < 10
-    assert elapsed < 0.5
+    assert len(renders) < 10  # 500 passes were coalesced: update itself never draws
 
 
 # -- plain mode, view choice and stats -------------------------------------------------------------
 
 
 def test_plain_view_writes_only_the_answer_without_escape_codes(tok):
+    commit = commits(tok)
     out = io.StringIO()
     ids = enc(tok, "<|channel>thought\nhmm<channel|>The sky ✓ is blue.")
     with PlainView(tok, out) as view:

@@ -115,11 +115,6 @@ def test_temperature_scales_logits_exactly_like_the_reference_at_every_step(t_mi
         np.testing.assert_array_equal(np_(mx.array(logits) / t), expected.numpy())
 
 
-def test_first_and_last_steps_use_t_max_and_t_min():
-    assert temperature(48, 48, 0.4, 0.8) == pytest.approx(0.8)
-    assert temperature(1, 48, 0.4, 0.8) == pytest.approx(0.4 + 0.4 / 48)
-
-
 # Entropy -------------------------------------------------------------------------------------
 
 
@@ -179,13 +174,8 @@ def test_acceptance_from_logits_equals_the_reference_mask():
     assert compared // 20 < accepted < compared  # the cases exercise both outcomes
 
 
-def test_torch_default_sort_does_not_keep_tied_positions_in_order():
-    # Why ties are compared against a stable-sort reference below.
-    order = torch.sort(torch.zeros(256))[1]
-    assert not torch.equal(order, torch.arange(256))
-
-
 def test_tied_entropies_are_accepted_lowest_position_first(monkeypatch):
+    # torch's default sort does not keep tied positions in order: compare with a stable sort.
     rng = np.random.default_rng(5)
     stable_sort = functools.partial(torch.sort, stable=True)
     for _ in range(60):

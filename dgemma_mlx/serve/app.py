@@ -18,6 +18,7 @@ import hmac
 import json
 from typing import Any, AsyncIterator, Optional, Sequence
 
+from mlx_lm.utils import common_prefix_len
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -27,7 +28,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..chat import common_prefix
 from ..errors import DGemmaError
 from ..events import CommitEvent, EndEvent, PassEvent
 from ..generate import default_settings, render_chat
@@ -187,7 +187,7 @@ class _Server:
             base = render_chat(self.tokenizer, req.messages, think=req.think, add_generation_prompt=False)
         except DGemmaError as e:
             raise protocol.bad_request(str(e), "messages")
-        return ids, min(common_prefix(ids, base), len(ids) - 1)
+        return ids, min(common_prefix_len(ids, base), len(ids) - 1)
 
     async def _respond(
         self, request: Request, req: GenerationRequest, ids: list[int], split: int, *, chat: bool,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from ..channels import ChannelSplitter, channel_ids
+from ..channels import ChannelSplitter
 from ..events import CommitEvent, EndEvent, PassEvent
 
 FINISH_REASONS = {"eos": "stop", "length": "length"}
@@ -85,7 +85,7 @@ class Reply:
         self.fill = fill
         self.eos_ids = set(int(i) for i in eos_ids)
         self.chat = chat
-        self.splitter = ChannelSplitter(tokenizer, *channel_ids(tokenizer)) if chat else None
+        self.splitter = ChannelSplitter(tokenizer) if chat else None
         self.filter = StopFilter(stops)
         self.content = ""
         self.reasoning = ""

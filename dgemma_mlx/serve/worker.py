@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 import mlx.core as mx
+from mlx_lm.utils import common_prefix_len
 
-from ..chat import common_prefix
 from ..errors import DGemmaError
 from ..events import CommitEvent, EndEvent, Event, PassEvent
 from ..generate import GenerationSettings, stream_generate
@@ -251,7 +251,7 @@ class GenerationWorker:
         """Make the cache hold ``ids[:split]`` (reusing what it shares), checkpoint there; return
         the tokens generation must still encode and the number of tokens reused."""
         head = ids[:split]
-        lcp = common_prefix(self._ids, head)
+        lcp = common_prefix_len(self._ids, head)
         keep = lcp
         if lcp < len(self._ids):
             keep = self.cache.rewind(lcp)
