@@ -27,6 +27,7 @@ from .cache import FullAttentionCache, PrefixCache, SlidingWindowCache
 from .config import FULL, SLIDING, ModelArgs
 from .experts import Experts
 from .ops import LOG2E, compute_streams, gelu_mul, rows_in_parallel, shifted_exp2, softmax, split_range
+from .vision import MultimodalEmbedder, VisionTower, sanitize_vision_key
 
 
 def rms_norm_noscale(x: mx.array, eps: float) -> mx.array:
@@ -113,16 +114,22 @@ class Attention(nn.Module):
         B, _, L, _ = o.shape
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def encode(self, x: mx.array, cache, offset: int) -> mx.array:
+    def encode(self, x: mx.array, cache, offset: int, groups: Optional[mx.array] = None) -> mx.array:
         """Causal attention of ``x`` over the cached prefix and itself; appends to ``cache``.
 
-        Sliding layers let the query at position p see keys in (p - window, p]."""
+        Sliding layers let the query at position p see keys in (p - window, p]. ``groups`` (int
+        [L], -1 for text) makes tokens of the same group (one image's tokens, all in ``x``) see
+        each other both ways, window or not."""
         L = x.shape[1]
         q, k, v = self._qkv(x, offset)
         kept = cache.kept if isinstance(cache, SlidingWindowCache) else offset
         keys, values = cache.append(k, v)  # views of the stored prefix, then the new tokens
         window = self.window if self.is_sliding else None
-        parts = [(k, v, _causal_mask(L, 0, window))]
+        mask = _causal_mask(L, 0, window)
+        if groups is not None:
+            same = (groups[:, None] == groups[None]) & (groups[:, None] >= 0)
+            mask = mx.where(same, 0.0, mask)
+        parts = [(k, v, mask)]
         if kept:
             prefix_mask = _causal_mask(L, kept, window, prefix_only=True) if window else None
             parts.insert(0, (keys[..., :kept, :], values[..., :kept, :], prefix_mask))
@@ -219,9 +226,12 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))  # decoder (denoise) scalar
         self.encoder_layer_scalar = mx.ones((1,))  # encoder (encode) scalar
 
-    def __call__(self, x: mx.array, cache, offset: int, encode: bool) -> mx.array:
-        attn = self.self_attn.encode if encode else self.self_attn.denoise
-        h = attn(self.input_layernorm(x), cache, offset)
+    def __call__(self, x: mx.array, cache, offset: int, encode: bool, groups: Optional[mx.array] = None) -> mx.array:
+        if groups is not None:
+            h = self.self_attn.encode(self.input_layernorm(x), cache, offset, groups)
+        else:
+            attn = self.self_attn.encode if encode else self.self_attn.denoise
+            h = attn(self.input_layernorm(x), cache, offset)
         r = x + self.post_attention_layernorm(h)
 
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
@@ -263,6 +273,9 @@ class Model(nn.Module):
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.self_conditioning = SelfConditioning(args)
+        if args.vision is not None:
+            self.vision_tower = VisionTower(args.vision)
+            self.embed_vision = MultimodalEmbedder(args.vision.hidden_size, args.hidden_size, args.vision.rms_norm_eps)
         self.encode_chunk_size = 512
 
     # ----------------------------------------------------------------------------------- cache
@@ -309,23 +322,43 @@ class Model(nn.Module):
         return out
 
     # ---------------------------------------------------------------------------------- passes
-    def encode(self, ids: mx.array, cache: PrefixCache, chunk_size: Optional[int] = None) -> None:
+    def encode(
+        self,
+        ids: mx.array,
+        cache: PrefixCache,
+        chunk_size: Optional[int] = None,
+        *,
+        image_features: Optional[mx.array] = None,
+    ) -> None:
         """Causal pass over ``ids`` (int [B, L]) that appends their keys/values to ``cache``.
 
         Long inputs are processed in chunks of ``chunk_size`` tokens (default
         ``self.encode_chunk_size``); the result is the same as one pass.
+
+        ``image_features`` ([N, H], from :func:`dgemma_mlx.multimodal.image_features`) replace the
+        embeddings of the N image tokens (``args.image_token_id``) of ``ids`` (batch 1), in order;
+        each run of image tokens (one image) attends to itself bidirectionally, and a chunk never
+        splits a run.
         """
         if ids.ndim == 1:
             ids = ids[None]
         step = chunk_size or self.encode_chunk_size
+        if image_features is not None:
+            from .multimodal import encode_chunks
+
+            for chunk, h, groups in encode_chunks(self, ids, image_features, step):
+                self._encode_chunk(chunk, h, cache, groups)
+            return
         for start in range(0, ids.shape[1], step):
             chunk = ids[:, start : start + step]
-            h = self._embed(chunk)
-            offset = cache.offset
-            for layer, c in zip(self.layers, cache.layers):
-                h = layer(h, c, offset, encode=True)
-            cache.advance(chunk.shape[1])
-            mx.eval(cache.arrays())
+            self._encode_chunk(chunk, self._embed(chunk), cache)
+
+    def _encode_chunk(self, chunk: mx.array, h: mx.array, cache: PrefixCache, groups=None) -> None:
+        offset = cache.offset
+        for layer, c in zip(self.layers, cache.layers):
+            h = layer(h, c, offset, encode=True, groups=groups)
+        cache.advance(chunk.shape[1])
+        mx.eval(cache.arrays())
 
     def denoise(
         self,
@@ -361,12 +394,18 @@ class Model(nn.Module):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map checkpoint names (transformers, mlx-vlm, or ours) onto this module tree.
 
-        Vision weights and the tied ``lm_head`` are dropped; the encoder's own layer scalars
-        become ``layers.N.encoder_layer_scalar``; fused expert tensors get a ``.weight`` suffix.
+        Vision weights become ``vision_tower.*`` / ``embed_vision.*`` (dropped for a text-only
+        model); the tied ``lm_head`` is dropped; the encoder's own layer scalars become
+        ``layers.N.encoder_layer_scalar``; fused expert tensors get a ``.weight`` suffix.
         """
         out = {}
         for key, value in weights.items():
-            if "vision_tower" in key or "embed_vision" in key or "rotary_emb" in key:
+            if "rotary_emb" in key:
+                continue
+            vision_key = sanitize_vision_key(key)
+            if vision_key is not None:
+                if self.args.vision is not None:
+                    out[vision_key] = value
                 continue
             if key.endswith("lm_head.weight") or key.startswith("lm_head."):
                 continue

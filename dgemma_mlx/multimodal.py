@@ -1,0 +1,190 @@
+"""Images in prompts: from files to soft tokens merged into the encoder's input.
+
+* :func:`read_images` reads and processes image files (or Pillow images) and runs the vision
+  tower once per image, giving :class:`PromptImage` s (their embeddings in the text model's space).
+* :func:`build_image_prompt` renders a user prompt with the images placed before the text (as
+  Google recommends) through the chat template, which writes one image placeholder per image;
+  :func:`expand_image_tokens` replaces each placeholder with ``boi, image * n, eoi`` as the
+  reference processor does.
+* ``Model.encode(ids, cache, image_features=...)`` then merges the embeddings at the image-token
+  positions (:func:`encode_chunks`): each image's tokens attend to each other bidirectionally,
+  everything else stays causal (``use_bidirectional_attention="vision"``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import DGemmaError
+from .image_processing import DEFAULT_IMAGE_TOKENS, ProcessedImage, check_budget, load_image, process_image
+
+ImageSource = Union[str, os.PathLike, ProcessedImage, "PIL.Image.Image"]  # noqa: F821
+
+
+@dataclass(frozen=True)
+class PromptImage:
+    """One image, encoded: ``features`` [num_tokens, H] in the text model's embedding space."""
+
+    features: mx.array
+    source: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.features.shape[0])
+
+
+def has_vision(model) -> bool:
+    return getattr(model, "vision_tower", None) is not None
+
+
+def require_vision(model) -> None:
+    if not has_vision(model):
+        raise DGemmaError(
+            "this checkpoint is text-only (no vision tower): it cannot read images; use a checkpoint "
+            "converted without --text-only"
+        )
+
+
+def image_features(model, image: ProcessedImage) -> mx.array:
+    """The vision tower and ``embed_vision`` over one processed image: [num_soft_tokens, H]."""
+    require_vision(model)
+    soft = model.vision_tower(image.pixel_values, image.position_ids)
+    features = model.embed_vision(soft)
+    mx.eval(features)
+    return features
+
+
+def read_images(
+    model, sources: Sequence[ImageSource], max_soft_tokens: int = DEFAULT_IMAGE_TOKENS
+) -> list[PromptImage]:
+    """Read, process and encode each image once (paths, Pillow images or :class:`ProcessedImage`)."""
+    check_budget(max_soft_tokens)
+    if sources:
+        require_vision(model)
+    v = model.args.vision if sources else None
+    out = []
+    for src in sources:
+        if isinstance(src, ProcessedImage):
+            processed, name = src, "image"
+        else:
+            name = str(src) if isinstance(src, (str, os.PathLike)) else "image"
+            image = load_image(src) if isinstance(src, (str, os.PathLike)) else src
+            processed = process_image(
+                image, max_soft_tokens, patch_size=v.patch_size, pooling_kernel_size=v.pooling_kernel_size
+            )
+        out.append(PromptImage(image_features(model, processed), name))
+    return out
+
+
+def image_content(n_images: int, text: str) -> Union[str, list[dict]]:
+    """A user message's content with ``n_images`` images before the text (plain text if none)."""
+    if not n_images:
+        return text
+    return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+
+
+def expand_image_tokens(ids: Sequence[int], images: Sequence[PromptImage], args) -> list[int]:
+    """Replace the i-th image placeholder of ``ids`` with ``boi, image * n_i, eoi``."""
+    img = args.image_token_id
+    found = sum(1 for t in ids if t == img)
+    if found != len(images):
+        raise DGemmaError(
+            f"the prompt has {found} image placeholder(s) for {len(images)} image(s); the chat template "
+            "must write one image token per image"
+        )
+    out: list[int] = []
+    it = iter(images)
+    for t in ids:
+        if t == img:
+            out += [args.boi_token_id] + [img] * next(it).num_tokens + [args.eoi_token_id]
+        else:
+            out.append(int(t))
+    return out
+
+
+def build_image_prompt(
+    model,
+    tokenizer,
+    prompt: str,
+    images: Sequence[PromptImage],
+    *,
+    system: Optional[str] = None,
+    think: bool = False,
+    chat_template: bool = True,
+) -> list[int]:
+    """Token ids for ``prompt`` with ``images`` before the text, image tokens expanded."""
+    from .generate import build_prompt, render_chat
+
+    if not images:
+        return build_prompt(tokenizer, prompt, system=system, think=think, chat_template=chat_template)
+    if not prompt or not prompt.strip():
+        raise DGemmaError("the prompt is empty")
+    args = model.args
+    if chat_template:
+        build_prompt(tokenizer, prompt, system=system, think=think)  # the same checks as text
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": image_content(len(images), prompt)}
+        ]
+        ids = render_chat(tokenizer, messages, think=think)
+    else:
+        text = list(build_prompt(tokenizer, prompt, system=system, chat_template=False))
+        head = text[:1] if text and text[0] == args.bos_token_id else []
+        ids = head + [args.image_token_id] * len(images) + text[len(head) :]
+    return expand_image_tokens(ids, images, args)
+
+
+def check_image_context(args, offset: int, n_ids: int, n_image_tokens: int) -> None:
+    """Raise when the prompt's image tokens leave no room for a block in the context."""
+    C, context = args.canvas_length, args.max_position_embeddings
+    if n_image_tokens and offset + n_ids + C > context:
+        raise DGemmaError(
+            f"too many image tokens for the context: the prompt takes {offset + n_ids} tokens "
+            f"({n_image_tokens} of them for images) and a {C}-token block must fit in the model's "
+            f"{context}; use fewer images or a smaller --image-tokens"
+        )
+
+
+def image_runs(ids: np.ndarray, image_token_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive image tokens (one run per image)."""
+    is_img = np.concatenate([[False], ids == image_token_id, [False]])
+    edges = np.flatnonzero(is_img[1:] != is_img[:-1])
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
+
+
+def encode_chunks(model, ids: mx.array, features: mx.array, step: int) -> Iterator[tuple[mx.array, mx.array, Optional[mx.array]]]:
+    """Chunks of ``ids`` [1, L] for :meth:`Model.encode`: ``(ids, embeddings, groups)`` with the
+    image features merged at the image tokens and ``groups`` [l] (image index, -1 for text; None
+    when the chunk has no image token). A chunk is extended so that it never splits an image."""
+    if ids.shape[0] != 1:
+        raise DGemmaError("prompts with images are encoded one sequence at a time (batch size 1)")
+    flat = np.array(ids[0])
+    runs = image_runs(flat, model.args.image_token_id)
+    n = sum(b - a for a, b in runs)
+    if n != features.shape[0]:
+        raise DGemmaError(f"the prompt has {n} image tokens but {features.shape[0]} image features were given")
+    groups = np.full(len(flat), -1, np.int32)
+    row = np.zeros(len(flat), np.int64)
+    used = 0
+    for g, (a, b) in enumerate(runs):
+        groups[a:b] = g
+        row[a:b] = np.arange(used, used + b - a)
+        used += b - a
+    start = 0
+    while start < len(flat):
+        end = min(start + step, len(flat))
+        if end < len(flat) and groups[end] >= 0 and groups[end - 1] == groups[end]:
+            end = next(b for a, b in runs if a < end < b)
+        chunk = ids[:, start:end]
+        h = model._embed(chunk)
+        local = np.flatnonzero(groups[start:end] >= 0)
+        g = None
+        if len(local):
+            h[0, mx.array(local)] = features[mx.array(row[start:end][local])].astype(h.dtype)
+            g = mx.array(groups[start:end])
+        yield chunk, h, g
+        start = end
