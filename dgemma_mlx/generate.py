@@ -156,6 +156,7 @@ def stream_generate(
     *,
     cache: Optional[PrefixCache] = None,
     settings: Optional[GenerationSettings] = None,
+    images: Optional[Sequence[Any]] = None,
     **overrides: Any,
 ) -> Iterator[Event]:
     """Generate from ``prompt`` and yield a :class:`PassEvent` per denoising pass, a
@@ -168,6 +169,8 @@ def stream_generate(
             not yet in it. Committed blocks except the last are encoded into it.
         settings / overrides: :class:`GenerationSettings` (defaults: the checkpoint's), and
             keyword overrides such as ``steps=16`` or ``seed=0``.
+        images: :class:`~dgemma_mlx.multimodal.PromptImage` s for the image tokens of ``prompt``,
+            in order (see :func:`~dgemma_mlx.multimodal.build_image_prompt`).
     """
     settings = (settings or default_settings(model)).update(**overrides)
     ids = list(tokenizer.encode(prompt)) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -177,6 +180,12 @@ def stream_generate(
     C, V = args.canvas_length, args.vocab_size
     cache = cache if cache is not None else model.make_cache()
     context = args.max_position_embeddings
+    features = None
+    if images:
+        from .multimodal import check_image_context
+
+        check_image_context(args, cache.offset, len(ids), sum(im.num_tokens for im in images))
+        features = mx.concatenate([im.features for im in images])
     if cache.offset + len(ids) + C > context:
         raise DGemmaError(
             f"the prompt ({cache.offset + len(ids)} tokens) leaves no room for a {C}-token block in "
@@ -194,7 +203,7 @@ def stream_generate(
     mx.reset_peak_memory()
 
     start = time.perf_counter()
-    model.encode(mx.array(ids, dtype=mx.int32)[None], cache)
+    model.encode(mx.array(ids, dtype=mx.int32)[None], cache, image_features=features)
     prompt_seconds = time.perf_counter() - start
     gen_start = time.perf_counter()
     out: list[int] = []
