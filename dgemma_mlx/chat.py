@@ -32,7 +32,7 @@ import tempfile
 from contextlib import closing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
@@ -40,6 +40,16 @@ from .channels import ChannelSplitter, channel_ids
 from .errors import DGemmaError
 from .events import CommitEvent, EndEvent, Event, GenerationStats
 from .generate import GenerationSettings, default_settings, render_chat, stream_generate
+from .image_processing import DEFAULT_IMAGE_TOKENS, check_budget
+from .multimodal import (
+    PromptImage,
+    check_image_context,
+    expand_image_tokens,
+    message_images,
+    read_images,
+    resume_point,
+    template_messages,
+)
 
 __all__ = [
     "ChatSession",
@@ -291,15 +301,19 @@ class ChatSession:
         )
 
     def conversation(self, messages: Optional[list[dict]] = None) -> list[dict[str, str]]:
-        """The messages handed to the chat template: the system turn (if any), then the turns."""
+        """The messages handed to the chat template: the system turn (if any), then the turns
+        (images before the text of their message)."""
         messages = self._messages if messages is None else messages
-        return ([{"role": "system", "content": self._system}] if self._system else []) + [dict(m) for m in messages]
+        return ([{"role": "system", "content": self._system}] if self._system else []) + template_messages(messages)
 
     def render(self, messages: Optional[list[dict]] = None, *, add_generation_prompt: bool = True) -> list[int]:
-        """The conversation (default: the current one) rendered by the chat template, as ids."""
-        return render_chat(
+        """The conversation (default: the current one) rendered by the chat template, as ids
+        (image tokens expanded)."""
+        ids = render_chat(
             self.tokenizer, self.conversation(messages), think=self._think, add_generation_prompt=add_generation_prompt
         )
+        images = message_images(self._messages if messages is None else messages)
+        return expand_image_tokens(ids, images, self.model.args) if images else ids
 
     # -- settings --------------------------------------------------------------------------------
 
@@ -328,8 +342,9 @@ class ChatSession:
 
     # -- turns -----------------------------------------------------------------------------------
 
-    def send(self, text: str) -> Iterator[Event]:
-        """Add a user turn and generate the reply; yields the events of
+    def send(self, text: str, images: Sequence[PromptImage] = ()) -> Iterator[Event]:
+        """Add a user turn (with ``images`` before its text, from
+        :func:`~dgemma_mlx.multimodal.read_images`) and generate the reply; yields the events of
         :func:`~dgemma_mlx.generate.stream_generate`. The reply is recorded when the
         :class:`EndEvent` is produced.
 
@@ -339,20 +354,23 @@ class ChatSession:
         self._check_idle()
         if not text or not text.strip():
             raise DGemmaError("the message is empty")
-        messages = self._messages + [{"role": "user", "content": text}]
+        user = {"role": "user", "content": text, **({"images": list(images)} if images else {})}
+        messages = self._messages + [user]
         target = self.render(messages, add_generation_prompt=True)
         base = self.render(messages, add_generation_prompt=False)
+        self._all_images = message_images(messages)
+        check_image_context(self.model.args, 0, len(target), sum(im.num_tokens for im in self._all_images))
         self._check_room(len(target))
         # The conversation without the generation prompt is what the next turn shares: encode it,
         # checkpoint, then let generation encode the generation prompt. When the template does not
         # render it as a prefix, split at the common prefix (at least one token must remain).
         split = min(common_prefix(base, target), len(target) - 1)
-        return self._turn(text, target, split, self._version)
+        return self._turn(user, target, split, self._version)
 
-    def reply(self, text: str) -> EndEvent:
+    def reply(self, text: str, images: Sequence[PromptImage] = ()) -> EndEvent:
         """:meth:`send` run to the end; returns the final event."""
         end = None
-        with closing(self.send(text)) as events:
+        with closing(self.send(text, images)) as events:
             for event in events:
                 end = event
         return end
@@ -362,6 +380,7 @@ class ChatSession:
         ahead of the next turn, e.g. after :meth:`load`; returns the number of tokens encoded."""
         self._check_idle()
         ids = self.render(add_generation_prompt=False)
+        self._all_images = message_images(self._messages)
         self._check_room(len(ids))
         self._busy = True
         try:
@@ -385,7 +404,9 @@ class ChatSession:
             "system": self._system,
             "think": self._think,
             "settings": self._settings.to_dict(),
-            "messages": self.messages,
+            "messages": [
+                {**m, "images": [im.source for im in m["images"]]} if m.get("images") else m for m in self.messages
+            ],
         }
 
     def save(self, path: PathLike) -> Path:
@@ -484,6 +505,7 @@ class ChatSession:
         self.cache = self.model.make_cache()
         self._ids: list[int] = []
         self._safe = 0  # a length the cache can always be restored to (a checkpoint, or 0)
+        self._all_images: list[PromptImage] = []  # the images of the ids being synced
 
     def _check_idle(self) -> None:
         if self._busy:
@@ -504,9 +526,9 @@ class ChatSession:
         if self.log is not None:
             self.log(text)
 
-    def _encode(self, ids: list[int]) -> None:
+    def _encode(self, ids: list[int], features: Optional[mx.array] = None) -> None:
         if ids:
-            self.model.encode(mx.array(ids, dtype=mx.int32)[None], self.cache)
+            self.model.encode(mx.array(ids, dtype=mx.int32)[None], self.cache, image_features=features)
 
     def _restore(self) -> None:
         """Make the cache consistent after an interruption: an interrupted ``encode`` may have
@@ -520,7 +542,7 @@ class ChatSession:
         """Make the cache hold exactly ``ids``, encoding only what it lacks, and checkpoint there.
         Returns ``(reused, encoded, rewound_from)``."""
         cached = len(self._ids)
-        lcp = common_prefix(self._ids, ids)
+        lcp, features = resume_point(ids, self._all_images, common_prefix(self._ids, ids), self.model.args)
         keep, rewound_from = lcp, None
         if lcp < cached:
             rewound_from = cached
@@ -539,9 +561,11 @@ class ChatSession:
                     f"the chat template rewrote earlier text: longest common prefix {lcp} of {cached} "
                     f"cached tokens; rewound the cache to {keep} tokens, re-encoding {len(ids) - keep}"
                 )
+        if keep < lcp:  # rewound further than asked (to a checkpoint): images from there on
+            keep, features = resume_point(ids, self._all_images, keep, self.model.args)
         new = ids[keep:]
         try:
-            self._encode(new)
+            self._encode(new, features)
         except BaseException:
             self._restore()
             raise
@@ -550,7 +574,7 @@ class ChatSession:
         self._safe = len(ids)
         return keep, len(new), rewound_from
 
-    def _turn(self, text: str, target: list[int], split: int, version: int) -> Iterator[Event]:
+    def _turn(self, user: dict, target: list[int], split: int, version: int) -> Iterator[Event]:
         if version != self._version:
             raise DGemmaError("the conversation changed before this message was sent")
         self._check_idle()
@@ -581,20 +605,20 @@ class ChatSession:
                         self._ids += event.tokens
                         state["reply_encoded"] += len(event.tokens)
                 elif isinstance(event, EndEvent):
-                    self._record(text, event, target, state)
+                    self._record(user, event, target, state)
                     done = True
                 yield event
         except KeyboardInterrupt:
-            end = self._cancel(text, target, state, splitter)
+            end = self._cancel(user, target, state, splitter)
             done = True
             yield end
         finally:
             if not done:
-                self._cancel(text, target, state, splitter)
+                self._cancel(user, target, state, splitter)
             self._busy = False
 
-    def _record(self, text: str, end: EndEvent, target: list[int], state: dict) -> None:
-        self._messages += [{"role": "user", "content": text}, {"role": "assistant", "content": end.text.strip()}]
+    def _record(self, user: dict, end: EndEvent, target: list[int], state: dict) -> None:
+        self._messages += [user, {"role": "assistant", "content": end.text.strip()}]
         self._turns.append(
             TurnStats(
                 prompt_tokens=len(target),
@@ -608,7 +632,7 @@ class ChatSession:
             )
         )
 
-    def _cancel(self, text: str, target: list[int], state: dict, splitter: ChannelSplitter) -> EndEvent:
+    def _cancel(self, user: dict, target: list[int], state: dict, splitter: ChannelSplitter) -> EndEvent:
         """Stop the turn: restore the cache and keep the committed answer (if any)."""
         self._restore()
         splitter.flush()
@@ -624,7 +648,7 @@ class ChatSession:
             text=answer, tokens=list(state["tokens"]), finish_reason="cancelled", stats=stats, thought=splitter.thought
         )
         if answer:
-            self._messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+            self._messages += [user, {"role": "assistant", "content": answer}]
             self._notice("reply interrupted: the answer committed so far was kept")
         else:
             self._notice("reply interrupted before any answer text: the message was not added")
@@ -673,6 +697,7 @@ Type a message and press Enter. Commands:
   /save FILE             save the transcript as JSON
   /load FILE             load a transcript (replaces the conversation)
   /stats                 cache and speed statistics
+  /image PATH            attach an image to your next message (repeatable)
   /exit                  leave (Ctrl-D also leaves)
 Ctrl-C stops a reply and keeps the conversation. Start a message with // to send a literal '/'."""
 
@@ -726,6 +751,8 @@ class ChatRepl:
             :func:`default_history_file`; None keeps it in memory).
         show_thoughts: show thoughts (dim) or collapse them to one line (``/think show|hide``).
         view_factory: ``view_factory(tokenizer, console)`` -> a view (tests).
+        images: image files attached to the first message; ``image_tokens``: their token budget
+            (and that of ``/image``).
     """
 
     prompt = "> "
@@ -739,6 +766,8 @@ class ChatRepl:
         history_file: Union[PathLike, None, bool] = True,
         show_thoughts: bool = True,
         view_factory: Optional[Callable] = None,
+        images: Sequence[PathLike] = (),
+        image_tokens: int = DEFAULT_IMAGE_TOKENS,
     ):
         from rich.console import Console
 
@@ -749,6 +778,8 @@ class ChatRepl:
         self._input_fn = input_fn
         self._history_file = default_history_file() if history_file is True else history_file
         self._channels = channel_ids(session.tokenizer)
+        self.image_tokens = check_budget(image_tokens)
+        self.pending: list[PromptImage] = read_images(session.model, list(images), image_tokens) if images else []
         if session.log is None:
             session.log = lambda text: self.console.print(text, style="dim", markup=False, highlight=False)
 
@@ -873,6 +904,12 @@ class ChatRepl:
             self.say(f"loaded {len(s.messages)} messages from {_unquote(arg)}", style="dim")
         elif name == "/stats":
             self.say(format_chat_stats(s.stats))
+        elif name == "/image":
+            if not arg:
+                raise DGemmaError("usage: /image PATH")
+            image = read_images(s.model, [_unquote(arg)], self.image_tokens)[0]
+            self.pending.append(image)
+            self.say(f"attached {image.source} ({image.num_tokens} image tokens) to your next message", style="dim")
         else:
             raise DGemmaError(f"unknown command '{name}' (/help lists the commands)")
         return None
@@ -909,10 +946,11 @@ class ChatRepl:
         """Generate and show the reply to ``text``."""
         s = self.session
         try:
-            events = s.send(text)
+            events = s.send(text, self.pending)
         except DGemmaError as e:
             self.error(e)
             return None
+        self.pending = []
         before = len(s.messages)
         view = self._view()
         hide = None

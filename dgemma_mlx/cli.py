@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -76,6 +77,8 @@ TMax = typer.Option(None, "--t-max", help="Temperature of the first pass (defaul
 Seed = typer.Option(None, "--seed", help="Random seed, for reproducible runs.")
 System = typer.Option(None, "--system", help="System prompt.")
 Think = typer.Option(False, "--think/--no-think", help="Let the model think before answering.")
+ImageOpt = typer.Option(None, "--image", help="An image (PNG, JPEG, WebP) placed before the prompt; repeatable.")
+ImageTokens = typer.Option(280, "--image-tokens", help="Visual tokens per image: 70, 140, 280, 560 or 1120.")
 ModelOpt = typer.Option(
     None, "--model", "-m", help=f"Local directory or Hugging Face repo id (default: $DGEMMA_MODEL, else {DEFAULT_MODEL})."
 )
@@ -100,6 +103,27 @@ def read_prompt(prompt: Optional[str]) -> str:
     if not prompt.strip():
         raise DGemmaError("the prompt is empty")
     return prompt
+
+
+def read_image_files(paths: list[str], image_tokens: int) -> list:
+    """Check the budget and read every image before the (slow) model load."""
+    from .image_processing import check_budget, load_image
+
+    check_budget(image_tokens)
+    return [(p, load_image(p)) for p in paths]
+
+
+def encode_images(model, pictures: list, image_tokens: int, quiet: bool = False) -> list:
+    """Run the vision tower once per image (with a spinner on a terminal)."""
+    from .multimodal import read_images, require_vision
+
+    if not pictures:
+        return []
+    require_vision(model)
+    status = err.status(f"Encoding {len(pictures)} image(s) …") if err.is_terminal and not quiet else nullcontext()
+    with status:
+        images = read_images(model, [im for _, im in pictures], image_tokens)
+    return [replace(im, source=p) for im, (p, _) in zip(images, pictures)]
 
 
 @contextmanager
@@ -136,11 +160,14 @@ def generate(
         None, "--events", help="Write every pass and commit as JSON Lines to FILE ('-': stdout)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view and no stats: just the answer."),
+    image: Optional[list[str]] = ImageOpt,
+    image_tokens: int = ImageTokens,
 ):
     """Generate an answer, showing every refinement pass live."""
     from .channels import channel_ids
     from .events import EndEvent, event_to_json
-    from .generate import build_prompt, stream_generate
+    from .generate import stream_generate
+    from .multimodal import build_image_prompt
     from .render import LiveView, PlainView, format_stats
 
     overrides = sampling_overrides(
@@ -148,9 +175,11 @@ def generate(
     )
     check_overrides(overrides)
     text = read_prompt(prompt)
+    pictures = read_image_files(image or [], image_tokens)
     name = model or default_model()
     mdl, tok = load_with_status(name, quiet)
-    ids = build_prompt(tok, text, system=system, think=think, chat_template=not no_chat_template)
+    images = encode_images(mdl, pictures, image_tokens, quiet)
+    ids = build_image_prompt(mdl, tok, text, images, system=system, think=think, chat_template=not no_chat_template)
 
     out = Console(highlight=False)
     start, end_id = channel_ids(tok)
@@ -162,7 +191,7 @@ def generate(
         view = PlainView(tok, sys.stdout, channel_start_id=start, channel_end_id=end_id)
     end = None
     with open_events(events) as sink, (view or nullcontext()):
-        for event in stream_generate(mdl, tok, ids, **overrides):
+        for event in stream_generate(mdl, tok, ids, images=images, **overrides):
             if sink is not None:
                 sink.write(json.dumps(event_to_json(event)) + "\n")
                 sink.flush()
@@ -187,6 +216,10 @@ def chat(
     system: Optional[str] = System,
     think: bool = Think,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Report cache reuse and rewinds every turn."),
+    image: Optional[list[str]] = typer.Option(
+        None, "--image", help="An image attached to the first message; repeatable (/image PATH in the chat)."
+    ),
+    image_tokens: int = ImageTokens,
 ):
     """Chat in a multi-turn REPL that keeps the prefix cache across turns (/help lists commands)."""
     from .chat import ChatSession, run_repl
@@ -196,12 +229,13 @@ def chat(
         max_new_tokens=max_new_tokens, steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, seed=seed
     )
     check_overrides(overrides)
+    pictures = read_image_files(image or [], image_tokens)
     name = model or default_model()
     mdl, tok = load_with_status(name)
     session = ChatSession(
         mdl, tok, system=system, think=think, settings=default_settings(mdl).update(**overrides), verbose=verbose
     )
-    run_repl(session, Console(highlight=False))
+    run_repl(session, Console(highlight=False), images=[p for p, _ in pictures], image_tokens=image_tokens)
 
 
 @app.command()
@@ -214,6 +248,7 @@ def convert(
     q_group_size: int = typer.Option(64, "--q-group-size", help="Quantization group size: 32, 64 or 128."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 (default: the source dtype)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --mlx-path."),
+    text_only: bool = typer.Option(False, "--text-only", help="Drop the vision tower (the output cannot read images)."),
 ):
     """Convert a Hugging Face DiffusionGemma checkpoint to MLX (optionally quantized)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -240,7 +275,7 @@ def convert(
     with progress:
         out = run_convert(
             hf_path, mlx_path, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
-            dtype=dtype, force=force, progress=report,
+            dtype=dtype, force=force, progress=report, text_only=text_only,
         )
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     err.print(f"Wrote {out} ({size / 2**30:.2f} GiB)")

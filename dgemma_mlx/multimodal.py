@@ -188,3 +188,33 @@ def encode_chunks(model, ids: mx.array, features: mx.array, step: int) -> Iterat
             g = mx.array(groups[start:end])
         yield chunk, h, g
         start = end
+
+
+def message_images(messages: Sequence[dict]) -> list[PromptImage]:
+    """The images of ``messages`` (their ``"images"`` lists), in conversation order."""
+    return [im for m in messages for im in m.get("images") or ()]
+
+
+def template_messages(messages: Sequence[dict]) -> list[dict]:
+    """``messages`` for the chat template: a message with ``"images"`` gets a content list with
+    the images before its text."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        images = m.pop("images", None)
+        if images:
+            m["content"] = image_content(len(images), m["content"])
+        out.append(m)
+    return out
+
+
+def resume_point(ids: Sequence[int], images: Sequence[PromptImage], keep: int, args) -> tuple[int, Optional[mx.array]]:
+    """Where to resume encoding ``ids`` when the cache holds ``ids[:keep]``: moved back to the start
+    of an image that ``keep`` would split, with the features of the images from there on (None if
+    none)."""
+    runs = image_runs(np.asarray(ids), args.image_token_id)
+    for a, b in runs:
+        if a < keep < b:
+            keep = a
+    later = [im.features for (a, _), im in zip(runs, images) if a >= keep]
+    return keep, (mx.concatenate(later) if later else None)
