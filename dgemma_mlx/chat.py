@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 
 from .channels import ChannelSplitter, channel_ids
 from .errors import DGemmaError
@@ -45,6 +46,7 @@ from .multimodal import (
     PromptImage,
     check_image_context,
     expand_image_tokens,
+    image_runs,
     message_images,
     read_images,
     resume_point,
@@ -506,6 +508,7 @@ class ChatSession:
         self._ids: list[int] = []
         self._safe = 0  # a length the cache can always be restored to (a checkpoint, or 0)
         self._all_images: list[PromptImage] = []  # the images of the ids being synced
+        self._cached_images: list[PromptImage] = []  # the images whose tokens the cache holds
 
     def _check_idle(self) -> None:
         if self._busy:
@@ -536,13 +539,16 @@ class ChatSession:
         safe = min(self._safe, len(self._ids))
         n = self.cache.rewind(safe, force=True)
         del self._ids[n:]
+        self._cached_images = self._cached_images[: len(image_runs(np.asarray(self._ids), self.model.args.image_token_id))]
         self._safe = n
 
     def _sync(self, ids: list[int]) -> tuple[int, int, Optional[int]]:
         """Make the cache hold exactly ``ids``, encoding only what it lacks, and checkpoint there.
         Returns ``(reused, encoded, rewound_from)``."""
         cached = len(self._ids)
-        lcp, features = resume_point(ids, self._all_images, common_prefix(self._ids, ids), self.model.args)
+        lcp, features = resume_point(
+            ids, self._all_images, common_prefix(self._ids, ids), self.model.args, self._cached_images
+        )
         keep, rewound_from = lcp, None
         if lcp < cached:
             rewound_from = cached
@@ -570,6 +576,7 @@ class ChatSession:
             self._restore()
             raise
         self._ids = list(ids)
+        self._cached_images = list(self._all_images)
         self.cache.checkpoint()
         self._safe = len(ids)
         return keep, len(new), rewound_from

@@ -208,11 +208,19 @@ def template_messages(messages: Sequence[dict]) -> list[dict]:
     return out
 
 
-def resume_point(ids: Sequence[int], images: Sequence[PromptImage], keep: int, args) -> tuple[int, Optional[mx.array]]:
-    """Where to resume encoding ``ids`` when the cache holds ``ids[:keep]``: moved back to the start
-    of an image that ``keep`` would split, with the features of the images from there on (None if
-    none)."""
+def resume_point(
+    ids: Sequence[int], images: Sequence[PromptImage], keep: int, args, cached: Optional[Sequence[PromptImage]] = None
+) -> tuple[int, Optional[mx.array]]:
+    """Where to resume encoding ``ids`` (whose image runs hold ``images``) when the cache holds
+    ``ids[:keep]`` with the images ``cached``: moved back to the first image that differs from the
+    cached one (image tokens alone cannot tell two images apart) and to the start of an image that
+    ``keep`` would split; with the features of the images from there on (None if none)."""
     runs = image_runs(np.asarray(ids), args.image_token_id)
+    if cached is not None:
+        for i, ((a, _), image) in enumerate(zip(runs, images)):
+            if a < keep and (i >= len(cached) or cached[i] is not image):
+                keep = a
+                break
     for a, b in runs:
         if a < keep < b:
             keep = a

@@ -199,3 +199,20 @@ def test_cli_convert_text_only_drops_the_vision_tower(tmp_path, checkpoint):
     r = dgemma("convert", "--hf-path", str(checkpoint), "--mlx-path", str(tmp_path / "out"), "--text-only")
     assert r.returncode == 0, r.stderr
     assert "vision_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_a_different_image_in_place_of_a_cancelled_one_is_encoded_anew(model, tokenizer, pictures):
+    """Image tokens are the same ids for every image: the cache must not mistake one for another."""
+    session = ChatSession(model, tokenizer)
+    session.set_params(**FAST_SETTINGS)
+    first, second = read_images(model, [pictures[0], pictures[0]], 70)  # same size, other features
+    second = type(second)(second.features * 0.5, "other")
+    events = session.send("the sky", [first])
+    next(events)  # the prompt with the first image is in the cache now
+    events.close()  # cancelled before any answer: the message is dropped
+    assert session.messages == []
+    session.reply("the sky", [second])
+    session.prefill()
+    canvas = np.random.default_rng(2).integers(0, model.args.vocab_size, model.args.canvas_length).tolist()
+    ids = session.render(add_generation_prompt=False)
+    assert np.abs(session_logits(session, canvas) - fresh_logits(model, ids, [second], canvas)).max() <= 1e-4
