@@ -110,9 +110,9 @@ def find_openblas() -> Optional[str]:
     return found[0] if found else None
 
 
-def maybe_reexec_with_openblas(args: argparse.Namespace, say) -> None:
-    """On Linux, MLX's CPU wheel ships a slow reference BLAS: re-run this script with OpenBLAS
-    preloaded (once), unless it already is or ``--no-preload`` was given."""
+def maybe_reexec_with_openblas(args: argparse.Namespace, say, script: Optional[str] = None) -> None:
+    """On Linux, MLX's CPU wheel ships a slow reference BLAS: re-run this script (or ``script``)
+    with OpenBLAS preloaded (once), unless it already is or ``--no-preload`` was given."""
     if not sys.platform.startswith("linux") or args.no_preload or os.environ.get("DGEMMA_BENCH_REEXEC"):
         return
     if "openblas" in os.environ.get("LD_PRELOAD", "") or openblas_loaded():
@@ -129,7 +129,7 @@ def maybe_reexec_with_openblas(args: argparse.Namespace, say) -> None:
     env["DGEMMA_BENCH_REEXEC"] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve())] + sys.argv[1:], env)
+    os.execve(sys.executable, [sys.executable, str(Path(script or __file__).resolve())] + sys.argv[1:], env)
 
 
 # ------------------------------------------------------------------------------ model shape

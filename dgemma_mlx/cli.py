@@ -1,4 +1,4 @@
-"""The ``dgemma`` command line: ``generate``, ``chat`` and ``convert``.
+"""The ``dgemma`` command line: ``generate``, ``chat``, ``convert`` and ``serve``.
 
 The CLI parses arguments, calls the library and renders; everything it does is reachable from
 Python (:func:`dgemma_mlx.load`, :func:`dgemma_mlx.generate.stream_generate`,
@@ -279,6 +279,49 @@ def convert(
         )
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     err.print(f"Wrote {out} ({size / 2**30:.2f} GiB)")
+
+
+@app.command()
+@user_errors
+def serve(
+    model: Optional[str] = ModelOpt,
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="A fine-tuned adapter to load over the model."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port)."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="DGEMMA_API_KEY", help="Require 'Authorization: Bearer KEY' ($DGEMMA_API_KEY)."
+    ),
+    served_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients use (default: --model)."),
+    max_queue: int = typer.Option(32, "--max-queue", help="Requests that may wait; more get 503 with Retry-After."),
+    cache_gb: float = typer.Option(4.0, "--cache-gb", help="Keep the prefix cache between requests up to this size."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streamed drafts)."""
+    from .serve import bind, serve as run_server
+
+    if not 0 <= port <= 65535:
+        raise DGemmaError(f"--port must be between 0 and 65535 (got {port})")
+    if max_queue < 1 or cache_gb < 0:
+        raise DGemmaError("--max-queue must be at least 1 and --cache-gb at least 0")
+    bind(host, port).close()  # a taken port is reported before the (slow) model load
+    name = model or default_model()
+    if adapter is None:
+        mdl, tok = load_with_status(name)
+    else:
+        mdl, tok = load_with_adapter(name, adapter)
+    run_server(
+        mdl, tok, host=host, port=port, model_id=served_name or name, api_key=api_key, max_queue=max_queue,
+        cache_bytes=int(cache_gb * 2**30), on_ready=lambda url: err.print(f"Serving {served_name or name} at {url}", soft_wrap=True, markup=False),
+    )
+
+
+def load_with_adapter(name: str, adapter: str):
+    import inspect
+
+    from .loading import load
+
+    if "adapter_path" not in inspect.signature(load).parameters:
+        raise DGemmaError("--adapter needs adapter support in dgemma_mlx.load, which this build lacks")
+    return load(name, adapter_path=adapter)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

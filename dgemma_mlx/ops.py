@@ -12,6 +12,7 @@ scores 703 ms compiled against 577 ms plain; a gated-GELU over [2448, 1408] 62 a
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable
 
 import mlx.core as mx
@@ -59,20 +60,24 @@ def softmax(x: mx.array) -> mx.array:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-_STREAMS: dict = {}
+# MLX streams belong to the thread that made them, so each thread gets its own (a server runs
+# generation on a worker thread).
+_STREAMS = threading.local()
 
 
 def compute_streams() -> list:
     """Streams of the default device to spread independent work over: two on the CPU (MLX runs
-    an op on one core, so elementwise-heavy work parallelises across streams), one elsewhere."""
+    an op on one core, so elementwise-heavy work parallelises across streams), one elsewhere.
+    Each thread gets its own streams."""
     device = mx.default_device()
     key = str(device)
-    if key not in _STREAMS:
+    streams_by_device = _STREAMS.__dict__.setdefault("by_device", {})
+    if key not in streams_by_device:
         streams = [mx.default_stream(device)]
         if on_cpu() and (os.cpu_count() or 1) > 1:
             streams.append(mx.new_stream(device))
-        _STREAMS[key] = streams
-    return _STREAMS[key]
+        streams_by_device[key] = streams
+    return streams_by_device[key]
 
 
 def split_range(n: int) -> list[tuple[int, int]]:

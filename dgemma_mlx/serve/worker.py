@@ -1,0 +1,287 @@
+"""The generation worker: one thread that owns the model and its prefix cache.
+
+Requests become :class:`Job` s in a bounded queue and are generated one at a time, in order, on
+the worker thread (the web server's event loop never runs MLX). A job's events go to its
+``on_event`` callback as they happen; a job cancelled by its client (:meth:`Job.cancel`) stops at
+the next denoising pass.
+
+The prefix cache survives from one job to the next, with the protocol of
+:class:`~dgemma_mlx.chat.ChatSession`: a job names a ``split`` point in its prompt (for a chat, the
+end of the conversation before the generation prompt: the point the conversation's next request
+shares). The cache is rewound to the longest prefix it shares with the new prompt (to the latest
+checkpoint at or before it, as sliding-window layers require), the rest of the prompt up to
+``split`` is encoded and checkpointed, and generation encodes the remainder. A client that sends
+the whole conversation every turn (the OpenAI API is stateless) therefore only pays for the new
+tokens. Between jobs the cache is kept only while it holds at most ``cache_bytes``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from ..chat import common_prefix
+from ..errors import DGemmaError
+from ..events import CommitEvent, EndEvent, Event, PassEvent
+from ..generate import GenerationSettings, stream_generate
+
+DEFAULT_CACHE_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class Started:
+    """The job left the queue: its prompt is ``prompt_tokens`` long, ``cached_tokens`` of which were
+    reused from the cache."""
+
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The job is over: ``status`` is ``"done"`` (an :class:`EndEvent` was delivered),
+    ``"cancelled"`` or ``"error"`` (``message`` says why; ``user_error`` when the request was at
+    fault rather than the server)."""
+
+    status: Literal["done", "cancelled", "error"]
+    message: str = ""
+    user_error: bool = False
+
+
+JobEvent = Union[Started, Event, Finished]
+
+
+class QueueFull(Exception):
+    """The worker's queue holds ``max_queue`` waiting jobs already."""
+
+
+class Job:
+    """One generation.
+
+    Args:
+        ids: the whole prompt (token ids).
+        split: tokens ``ids[:split]`` form a reusable prefix (``0 <= split < len(ids)``).
+        settings: sampling settings.
+        on_event: called on the worker thread with :class:`Started`, the generation's events
+            (:class:`PassEvent` s only when ``drafts``) and, last, :class:`Finished`.
+        drafts: deliver a :class:`PassEvent` per pass.
+    """
+
+    def __init__(
+        self,
+        ids: Sequence[int],
+        split: int,
+        settings: GenerationSettings,
+        on_event: Callable[[JobEvent], None],
+        *,
+        drafts: bool = False,
+    ):
+        if not 0 <= split < len(ids):
+            raise ValueError(f"split {split} outside a prompt of {len(ids)} tokens")
+        self.ids = [int(t) for t in ids]
+        self.split = split
+        self.settings = settings
+        self.on_event = on_event
+        self.drafts = drafts
+        self._cancelled = threading.Event()
+        self._completed = False
+
+    def cancel(self, *, completed: bool = False) -> None:
+        """Stop at the next pass. ``completed``: the reply is already whole (a stop string was
+        found), so the job counts as completed rather than cancelled."""
+        self._completed = self._completed or completed
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class GenerationWorker:
+    """Runs :class:`Job` s one at a time on its own thread.
+
+    Args:
+        model, tokenizer: from :func:`dgemma_mlx.load`.
+        max_queue: jobs that may wait (beyond the one running); :meth:`submit` raises
+            :class:`QueueFull` past it.
+        cache_bytes: the prefix cache is kept between jobs only while it is at most this big.
+    """
+
+    def __init__(self, model, tokenizer, *, max_queue: int = 32, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        if max_queue < 1:
+            raise DGemmaError(f"the queue needs room for at least one request (got {max_queue})")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.cache_bytes = cache_bytes
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
+        self.running: Optional[Job] = None
+        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._run, name="dgemma-generation", daemon=True)
+        self._closed = False
+        self._new_cache()
+        _materialize(model)
+
+    # -- control ---------------------------------------------------------------------------------
+
+    def start(self) -> "GenerationWorker":
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel the running and waiting jobs and stop the thread."""
+        self._closed = True
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel()
+                self._finish(job, Finished("cancelled"))
+        if self.running is not None:
+            self.running.cancel()
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; raises :class:`QueueFull` when the queue is full."""
+        if self._closed:
+            raise QueueFull("the server is shutting down")
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self.max_queue} requests are already waiting")
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.cache.offset
+
+    # -- the thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.cancelled:
+                self._finish(job, Finished("cancelled"))
+                continue
+            self.running = job
+            try:
+                self._finish(job, self._generate(job))
+            finally:
+                self.running = None
+
+    def _finish(self, job: Job, finished: Finished) -> None:
+        key = {"done": "completed", "cancelled": "cancelled", "error": "failed"}[finished.status]
+        if finished.status == "cancelled" and job._completed:
+            key = "completed"
+        self.counts[key] += 1
+        _deliver(job, finished)
+
+    def _generate(self, job: Job) -> Finished:
+        try:
+            prompt, cached = self._prepare(job.ids, job.split)
+        except Exception as e:  # noqa: BLE001 - reported to the client, the worker keeps serving
+            self._new_cache()
+            return _failed(e)
+        if not _deliver(job, Started(len(job.ids), cached)):
+            job.cancel()
+        if job.cancelled:
+            return Finished("cancelled")
+        events = stream_generate(self.model, self.tokenizer, prompt, cache=self.cache, settings=job.settings)
+        ended, prompt_in = False, False
+        try:
+            for event in events:
+                if not prompt_in:  # stream_generate encoded the prompt before its first event
+                    self._ids += prompt
+                    prompt_in = True
+                if isinstance(event, CommitEvent) and event.encoded:
+                    self._ids += event.tokens
+                if (job.drafts or not isinstance(event, PassEvent)) and not _deliver(job, event):
+                    job.cancel()
+                ended = isinstance(event, EndEvent)
+                if job.cancelled and not ended:
+                    break
+        except Exception as e:  # noqa: BLE001
+            events.close()
+            self._new_cache()
+            return _failed(e)
+        events.close()
+        if not ended:
+            self._restore()
+        if self.cache.nbytes > self.cache_bytes:
+            self._new_cache()
+        return Finished("done") if ended else Finished("cancelled")
+
+    # -- the cache -------------------------------------------------------------------------------
+
+    def _new_cache(self) -> None:
+        self.cache = self.model.make_cache()
+        self._ids: list[int] = []
+        self._safe = 0  # a length the cache can always be rewound to (a checkpoint, or 0)
+
+    def _prepare(self, ids: list[int], split: int) -> tuple[list[int], int]:
+        """Make the cache hold ``ids[:split]`` (reusing what it shares), checkpoint there; return
+        the tokens generation must still encode and the number of tokens reused."""
+        head = ids[:split]
+        lcp = common_prefix(self._ids, head)
+        keep = lcp
+        if lcp < len(self._ids):
+            keep = self.cache.rewind(lcp)
+            del self._ids[keep:]
+            self._safe = min(self._safe, keep)
+        if keep < split:
+            try:
+                self.model.encode(mx.array(head[keep:], dtype=mx.int32)[None], self.cache)
+            except BaseException:
+                self._restore()
+                raise
+        self._ids = list(head)
+        self.cache.checkpoint()
+        self._safe = split
+        return ids[split:], keep
+
+    def _restore(self) -> None:
+        """After a cancelled or failed generation: rewind every layer to the last checkpoint."""
+        n = self.cache.rewind(min(self._safe, len(self._ids)), force=True)
+        del self._ids[n:]
+        self._safe = n
+
+
+def _materialize(model) -> None:
+    """Evaluate every array the model holds, private ones included (RoPE frequencies are built
+    lazily): an unevaluated array belongs to the stream of the thread that made it, and the worker
+    thread could not evaluate it."""
+    arrays = []
+    for module in model.modules():
+        for value in list(vars(module).values()) + list(module.values()):
+            if isinstance(value, mx.array):
+                arrays.append(value)
+    mx.eval(arrays)
+
+
+def _deliver(job: Job, event: JobEvent) -> bool:
+    """Hand ``event`` to the job's consumer; False when the consumer is gone."""
+    try:
+        job.on_event(event)
+        return True
+    except Exception:  # noqa: BLE001 - a vanished client must not stop the worker
+        return False
+
+
+def _failed(e: Exception) -> Finished:
+    if isinstance(e, DGemmaError):
+        return Finished("error", str(e), user_error=True)
+    first = str(e).splitlines()[0] if str(e) else ""
+    return Finished("error", f"generation failed: {type(e).__name__}{': ' + first if first else ''}")
