@@ -46,6 +46,7 @@ from .multimodal import (
     PromptImage,
     check_image_context,
     expand_image_tokens,
+    features_of,
     image_runs,
     message_images,
     read_images,
@@ -546,8 +547,9 @@ class ChatSession:
         """Make the cache hold exactly ``ids``, encoding only what it lacks, and checkpoint there.
         Returns ``(reused, encoded, rewound_from)``."""
         cached = len(self._ids)
-        lcp, features = resume_point(
-            ids, self._all_images, common_prefix(self._ids, ids), self.model.args, self._cached_images
+        keys = [im.key for im in self._all_images]
+        lcp, _ = resume_point(
+            ids, keys, common_prefix(self._ids, ids), self.model.args, [im.key for im in self._cached_images]
         )
         keep, rewound_from = lcp, None
         if lcp < cached:
@@ -567,11 +569,10 @@ class ChatSession:
                     f"the chat template rewrote earlier text: longest common prefix {lcp} of {cached} "
                     f"cached tokens; rewound the cache to {keep} tokens, re-encoding {len(ids) - keep}"
                 )
-        if keep < lcp:  # rewound further than asked (to a checkpoint): images from there on
-            keep, features = resume_point(ids, self._all_images, keep, self.model.args)
+        keep, first = resume_point(ids, keys, keep, self.model.args)
         new = ids[keep:]
         try:
-            self._encode(new, features)
+            self._encode(new, features_of(self._all_images[first:]))
         except BaseException:
             self._restore()
             raise

@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -28,10 +30,13 @@ ImageSource = Union[str, os.PathLike, ProcessedImage, "PIL.Image.Image"]  # noqa
 
 @dataclass(frozen=True)
 class PromptImage:
-    """One image, encoded: ``features`` [num_tokens, H] in the text model's embedding space."""
+    """One image, encoded: ``features`` [num_tokens, H] in the text model's embedding space.
+    ``key`` identifies the image's content (:func:`image_key`; unique by default): a prefix cache
+    reuses an image's tokens only for the same key."""
 
     features: mx.array
     source: str = ""
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def num_tokens(self) -> int:
@@ -48,6 +53,17 @@ def require_vision(model) -> None:
             "this checkpoint is text-only (no vision tower): it cannot read images; use a checkpoint "
             "converted without --text-only"
         )
+
+
+def image_key(image: ProcessedImage) -> str:
+    """A digest of the processed image (same pixels at the same budget: same key)."""
+    h = hashlib.sha1(np.ascontiguousarray(image.pixel_values).tobytes())
+    h.update(np.ascontiguousarray(image.position_ids).tobytes())
+    return h.hexdigest()
+
+
+def encode_image(model, image: ProcessedImage, source: str = "image") -> PromptImage:
+    return PromptImage(image_features(model, image), source, image_key(image))
 
 
 def image_features(model, image: ProcessedImage) -> mx.array:
@@ -77,7 +93,7 @@ def read_images(
             processed = process_image(
                 image, max_soft_tokens, patch_size=v.patch_size, pooling_kernel_size=v.pooling_kernel_size
             )
-        out.append(PromptImage(image_features(model, processed), name))
+        out.append(encode_image(model, processed, name))
     return out
 
 
@@ -209,20 +225,25 @@ def template_messages(messages: Sequence[dict]) -> list[dict]:
 
 
 def resume_point(
-    ids: Sequence[int], images: Sequence[PromptImage], keep: int, args, cached: Optional[Sequence[PromptImage]] = None
-) -> tuple[int, Optional[mx.array]]:
-    """Where to resume encoding ``ids`` (whose image runs hold ``images``) when the cache holds
-    ``ids[:keep]`` with the images ``cached``: moved back to the first image that differs from the
-    cached one (image tokens alone cannot tell two images apart) and to the start of an image that
-    ``keep`` would split; with the features of the images from there on (None if none)."""
+    ids: Sequence[int], keys: Sequence[str], keep: int, args, cached_keys: Optional[Sequence[str]] = None
+) -> tuple[int, int]:
+    """Where to resume encoding ``ids`` (whose image runs hold the images ``keys``) when the cache
+    holds ``ids[:keep]`` with the images ``cached_keys``: moved back to the first image that
+    differs from the cached one (image tokens alone cannot tell two images apart) and to the start
+    of an image that ``keep`` would split. Returns ``(keep, first)``: the images from index
+    ``first`` on must be encoded."""
     runs = image_runs(np.asarray(ids), args.image_token_id)
-    if cached is not None:
-        for i, ((a, _), image) in enumerate(zip(runs, images)):
-            if a < keep and (i >= len(cached) or cached[i] is not image):
+    if cached_keys is not None:
+        for i, ((a, _), key) in enumerate(zip(runs, keys)):
+            if a < keep and (i >= len(cached_keys) or cached_keys[i] != key):
                 keep = a
                 break
     for a, b in runs:
         if a < keep < b:
             keep = a
-    later = [im.features for (a, _), im in zip(runs, images) if a >= keep]
-    return keep, (mx.concatenate(later) if later else None)
+    return keep, sum(1 for a, _ in runs if a < keep)
+
+
+def features_of(images: Sequence[PromptImage]) -> Optional[mx.array]:
+    """The images' features, concatenated (None for no image)."""
+    return mx.concatenate([im.features for im in images]) if images else None

@@ -87,11 +87,10 @@ def test_too_many_image_tokens_for_the_context_are_refused(model, tokenizer, pic
 
 
 def fresh_logits(model, ids, images, canvas):
-    from dgemma_mlx.multimodal import resume_point
+    from dgemma_mlx.multimodal import features_of
 
     cache = model.make_cache()
-    _, features = resume_point(ids, images, 0, model.args)
-    model.encode(mx.array(ids)[None], cache, image_features=features)
+    model.encode(mx.array(ids)[None], cache, image_features=features_of(images))
     return np.array(model.denoise(mx.array(canvas)[None], cache))
 
 
