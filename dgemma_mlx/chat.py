@@ -316,7 +316,7 @@ class ChatSession:
             self.tokenizer, self.conversation(messages), think=self._think, add_generation_prompt=add_generation_prompt
         )
         images = message_images(self._messages if messages is None else messages)
-        return expand_image_tokens(ids, images, self.model.args) if images else ids
+        return expand_image_tokens(ids, [im.num_tokens for im in images], self.model.args) if images else ids
 
     # -- settings --------------------------------------------------------------------------------
 

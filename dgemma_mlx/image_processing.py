@@ -60,23 +60,34 @@ def load_image(path: Union[str, os.PathLike]):
     """A Pillow RGB image from ``path``, upright by its EXIF orientation.
 
     Raises :class:`DGemmaError` for a missing, unreadable or non-image file."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     p = Path(path).expanduser()
     if not p.exists():
         raise DGemmaError(f"image '{path}' does not exist")
     if p.is_dir():
         raise DGemmaError(f"image '{path}' is a directory, not an image file")
+    return _open(p, str(path))
+
+
+def decode_image(data: bytes, name: str = "the image"):
+    """:func:`load_image` for an image file's bytes (e.g. a data URL's)."""
+    import io
+
+    return _open(io.BytesIO(data), name)
+
+
+def _open(source, name: str):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     try:
-        with Image.open(p) as image:
+        with Image.open(source) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
     except UnidentifiedImageError:
-        raise DGemmaError(f"'{path}' is not an image Pillow can read (PNG, JPEG, WebP, ...)")
+        raise DGemmaError(f"'{name}' is not an image Pillow can read (PNG, JPEG, WebP, ...)")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DGemmaError(f"cannot read image '{path}': {reason}")
+        raise DGemmaError(f"cannot read image '{name}': {reason}")
 
 
 def to_rgb(image):

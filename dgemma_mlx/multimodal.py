@@ -104,20 +104,20 @@ def image_content(n_images: int, text: str) -> Union[str, list[dict]]:
     return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
 
 
-def expand_image_tokens(ids: Sequence[int], images: Sequence[PromptImage], args) -> list[int]:
-    """Replace the i-th image placeholder of ``ids`` with ``boi, image * n_i, eoi``."""
+def expand_image_tokens(ids: Sequence[int], counts: Sequence[int], args) -> list[int]:
+    """Replace the i-th image placeholder of ``ids`` with ``boi, image * counts[i], eoi``."""
     img = args.image_token_id
     found = sum(1 for t in ids if t == img)
-    if found != len(images):
+    if found != len(counts):
         raise DGemmaError(
-            f"the prompt has {found} image placeholder(s) for {len(images)} image(s); the chat template "
+            f"the prompt has {found} image placeholder(s) for {len(counts)} image(s); the chat template "
             "must write one image token per image"
         )
     out: list[int] = []
-    it = iter(images)
+    it = iter(counts)
     for t in ids:
         if t == img:
-            out += [args.boi_token_id] + [img] * next(it).num_tokens + [args.eoi_token_id]
+            out += [args.boi_token_id] + [img] * next(it) + [args.eoi_token_id]
         else:
             out.append(int(t))
     return out
@@ -151,7 +151,7 @@ def build_image_prompt(
         text = list(build_prompt(tokenizer, prompt, system=system, chat_template=False))
         head = text[:1] if text and text[0] == args.bos_token_id else []
         ids = head + [args.image_token_id] * len(images) + text[len(head) :]
-    return expand_image_tokens(ids, images, args)
+    return expand_image_tokens(ids, [im.num_tokens for im in images], args)
 
 
 def check_image_context(args, offset: int, n_ids: int, n_image_tokens: int) -> None:
