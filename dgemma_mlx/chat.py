@@ -540,7 +540,8 @@ class ChatSession:
         safe = min(self._safe, len(self._ids))
         n = self.cache.rewind(safe, force=True)
         del self._ids[n:]
-        self._cached_images = self._cached_images[: len(image_runs(np.asarray(self._ids), self.model.args.image_token_id))]
+        held = image_runs(np.asarray(self._ids), self.model.args.image_token_id)
+        self._cached_images = self._cached_images[: len(held)]
         self._safe = n
 
     def _sync(self, ids: list[int]) -> tuple[int, int, Optional[int]]:

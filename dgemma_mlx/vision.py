@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .errors import DGemmaError
 from .ops import gelu_mul
@@ -212,8 +213,6 @@ class VisionTower(nn.Module):
         """``pixel_values`` [P, 3 * patch**2], ``position_ids`` int [P, 2] with (-1, -1) rows for
         padding (as produced by the image processor; padding rows may be absent) -> soft tokens
         [N, H] with ``N`` = real patches / k**2, row-major over the pooled grid."""
-        import numpy as np
-
         pos = np.asarray(position_ids)
         valid = ~(pos == -1).all(axis=-1)
         pos = pos[valid]

@@ -277,7 +277,8 @@ class GenerationWorker:
         n = self.cache.rewind(min(self._safe, len(self._ids)), force=True)
         del self._ids[n:]
         self._safe = n
-        self._image_keys = self._image_keys[: len(image_runs(np.asarray(self._ids), self.model.args.image_token_id))]
+        held = image_runs(np.asarray(self._ids), self.model.args.image_token_id)
+        self._image_keys = self._image_keys[: len(held)]
 
 
 def _split_before_images(ids: list[int], split: int, args) -> tuple[int, int]:
