@@ -48,6 +48,8 @@ from .multimodal import (
     expand_image_tokens,
     features_of,
     image_runs,
+    images_from_json,
+    images_to_json,
     message_images,
     read_images,
     resume_point,
@@ -407,9 +409,7 @@ class ChatSession:
             "system": self._system,
             "think": self._think,
             "settings": self._settings.to_dict(),
-            "messages": [
-                {**m, "images": [im.source for im in m["images"]]} if m.get("images") else m for m in self.messages
-            ],
+            "messages": [{**m, "images": images_to_json(m["images"])} if m.get("images") else m for m in self.messages],
         }
 
     def save(self, path: PathLike) -> Path:
@@ -487,6 +487,11 @@ class ChatSession:
             if m.get("role") not in ROLES:
                 raise bad(f"messages[{i}] has role {m.get('role')!r} (expected user or assistant)")
             clean.append({"role": m["role"], "content": m["content"]})
+            if m.get("images"):
+                try:
+                    clean[-1]["images"] = images_from_json(self.model, m["images"], f"messages[{i}]")
+                except DGemmaError as e:
+                    raise bad(str(e))
         system = data.get("system")
         if system is not None and not isinstance(system, str):
             raise bad("'system' must be a string or null")

@@ -17,7 +17,7 @@ import hashlib
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -37,6 +37,7 @@ class PromptImage:
     features: mx.array
     source: str = ""
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    max_soft_tokens: int = DEFAULT_IMAGE_TOKENS  # the budget it was processed with
 
     @property
     def num_tokens(self) -> int:
@@ -63,7 +64,8 @@ def image_key(image: ProcessedImage) -> str:
 
 
 def encode_image(model, image: ProcessedImage, source: str = "image") -> PromptImage:
-    return PromptImage(image_features(model, image), source, image_key(image))
+    budget = len(image.pixel_values) // model.args.vision.pooling_kernel_size**2 if has_vision(model) else 0
+    return PromptImage(image_features(model, image), source, image_key(image), budget)
 
 
 def image_features(model, image: ProcessedImage) -> mx.array:
@@ -247,3 +249,18 @@ def resume_point(
 def features_of(images: Sequence[PromptImage]) -> Optional[mx.array]:
     """The images' features, concatenated (None for no image)."""
     return mx.concatenate([im.features for im in images]) if images else None
+
+
+def images_to_json(images: Sequence[PromptImage]) -> list[dict]:
+    """How a transcript records images: their file and budget."""
+    return [{"path": im.source, "image_tokens": im.max_soft_tokens} for im in images]
+
+
+def images_from_json(model, value: Any, where: str) -> list[PromptImage]:
+    """Read back the images :func:`images_to_json` recorded (files read and encoded again)."""
+    if not isinstance(value, list) or not all(
+        isinstance(v, dict) and isinstance(v.get("path"), str) and isinstance(v.get("image_tokens", 0), int)
+        for v in value
+    ):
+        raise DGemmaError(f"{where}: 'images' must be a list of {{\"path\", \"image_tokens\"}} objects")
+    return [read_images(model, [v["path"]], v.get("image_tokens", DEFAULT_IMAGE_TOKENS))[0] for v in value]

@@ -125,12 +125,26 @@ def test_a_rewind_into_an_image_re_encodes_the_whole_image(model, tokenizer, pic
     assert np.abs(session_logits(session, canvas) - fresh_logits(model, ids, images, canvas)).max() <= 1e-4
 
 
-def test_saved_transcripts_name_the_images(tmp_path, model, tokenizer, pictures):
+def test_transcripts_keep_the_images_and_load_them_back(tmp_path, model, tokenizer, pictures):
     session = ChatSession(model, tokenizer)
     session.set_params(**FAST_SETTINGS)
     session.reply("the sky", read_images(model, pictures[:1], 70))
     saved = json.loads(session.save(tmp_path / "t.json").read_text())
-    assert saved["messages"][0]["images"] == [str(pictures[0])]
+    assert saved["messages"][0]["images"] == [{"path": str(pictures[0]), "image_tokens": 70}]
+    again = ChatSession(model, tokenizer)
+    again.load(tmp_path / "t.json")
+    assert again.render() == session.render()
+    assert again.messages[0]["images"][0].key == session.messages[0]["images"][0].key
+
+
+def test_a_transcript_whose_image_is_gone_is_refused_and_changes_nothing(tmp_path, model, tokenizer):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"format": "dgemma-chat", "version": 1, "messages": [
+        {"role": "user", "content": "hi", "images": [{"path": str(tmp_path / "gone.png"), "image_tokens": 70}]}]}))
+    session = ChatSession(model, tokenizer)
+    with pytest.raises(DGemmaError, match="gone.png"):
+        session.load(path)
+    assert session.messages == []
 
 
 def test_repl_image_command_attaches_to_the_next_message(model, tokenizer, pictures):
