@@ -210,3 +210,35 @@ def test_read_images_runs_the_tower_once_per_image_at_the_budget(tmp_path, model
     images = read_images(model, paths, max_soft_tokens=70)
     assert [im.num_tokens for im in images] == [process_image(load_image(p), 70).num_soft_tokens for p in paths]
     assert np.array_equal(np.array(images[0].features), np.array(image_features(model, process_image(load_image(paths[0]), 70))))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_towers_stay_close_to_float32(checkpoint, model, dtype):
+    from dgemma_mlx import load
+
+    half, _ = load(checkpoint, dtype=dtype)
+    processed = process_image(random_image(100, 150), 70)
+    a = np.array(image_features(model, processed))
+    b = np.array(image_features(half, processed).astype(mx.float32))
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert np.isfinite(b).all() and cosine.min() > 0.999
+
+
+def test_raw_prompts_put_the_images_first_after_any_bos(model, tokenizer):
+    images = [PromptImage(mx.zeros((4, model.args.hidden_size)))]
+    ids = build_image_prompt(model, tokenizer, "the sky", images, chat_template=False)
+    text = list(tokenizer.encode("the sky"))
+    head = text[:1] if text[0] == model.args.bos_token_id else []
+    assert ids == head + [tiny.BOI_ID] + [tiny.IMAGE_ID] * 4 + [tiny.EOI_ID] + text[len(head):]
+
+
+def test_a_chat_template_without_image_support_is_reported(tmp_path, model):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from dgemma_mlx import DGemmaError
+
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] if m['content'] is string else '' }}{% endfor %}"
+    tiny.write_tokenizer(tmp_path, chat_template=template)
+    tok = load_tokenizer(tmp_path, eos_token_ids=tiny.EOS_IDS)
+    with pytest.raises(DGemmaError, match="image placeholder"):
+        build_image_prompt(model, tok, "the sky", [PromptImage(mx.zeros((4, model.args.hidden_size)))])
