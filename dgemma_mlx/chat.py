@@ -28,7 +28,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 from contextlib import closing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 from .channels import ChannelSplitter, channel_ids
 from .errors import DGemmaError
 from .events import CommitEvent, EndEvent, Event, GenerationStats
+from .files import atomic_write_text
 from .generate import GenerationSettings, default_settings, render_chat, stream_generate
 from .image_processing import DEFAULT_IMAGE_TOKENS, check_budget
 from .multimodal import (
@@ -347,11 +347,14 @@ class ChatSession:
 
     # -- turns -----------------------------------------------------------------------------------
 
-    def send(self, text: str, images: Sequence[PromptImage] = ()) -> Iterator[Event]:
+    def send(
+        self, text: str, images: Sequence[PromptImage] = (), *, warm_start=None, pinned=None
+    ) -> Iterator[Event]:
         """Add a user turn (with ``images`` before its text, from
         :func:`~dgemma_mlx.multimodal.read_images`) and generate the reply; yields the events of
         :func:`~dgemma_mlx.generate.stream_generate`. The reply is recorded when the
-        :class:`EndEvent` is produced.
+        :class:`EndEvent` is produced. ``warm_start`` / ``pinned`` fix or seed reply positions as
+        in :func:`~dgemma_mlx.generate.stream_generate`.
 
         Checks happen now (empty message, chat template, context overflow: raised as
         :class:`DGemmaError`); encoding and generation happen as the iterator is consumed.
@@ -370,12 +373,12 @@ class ChatSession:
         # checkpoint, then let generation encode the generation prompt. When the template does not
         # render it as a prefix, split at the common prefix (at least one token must remain).
         split = min(common_prefix(base, target), len(target) - 1)
-        return self._turn(user, target, split, self._version)
+        return self._turn(user, target, split, self._version, dict(warm_start=warm_start, pinned=pinned))
 
-    def reply(self, text: str, images: Sequence[PromptImage] = ()) -> EndEvent:
+    def reply(self, text: str, images: Sequence[PromptImage] = (), **positions) -> EndEvent:
         """:meth:`send` run to the end; returns the final event."""
         end = None
-        with closing(self.send(text, images)) as events:
+        with closing(self.send(text, images, **positions)) as events:
             for event in events:
                 end = event
         return end
@@ -416,26 +419,7 @@ class ChatSession:
         """Write the transcript as JSON, atomically (a temporary file, then ``os.replace``)."""
         path = Path(path).expanduser()
         data = json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n"
-        directory = path.parent if str(path.parent) else Path(".")
-        if path.is_dir():
-            raise DGemmaError(f"cannot save to '{path}': it is a directory")
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            tmp = None
-        except OSError as e:
-            raise DGemmaError(f"cannot save to '{path}': {e.strerror or e}")
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+        atomic_write_text(path, data, what="save to")
         return path
 
     def load(self, path: PathLike) -> None:
@@ -588,7 +572,7 @@ class ChatSession:
         self._safe = len(ids)
         return keep, len(new), rewound_from
 
-    def _turn(self, user: dict, target: list[int], split: int, version: int) -> Iterator[Event]:
+    def _turn(self, user: dict, target: list[int], split: int, version: int, positions: dict) -> Iterator[Event]:
         if version != self._version:
             raise DGemmaError("the conversation changed before this message was sent")
         self._check_idle()
@@ -606,7 +590,9 @@ class ChatSession:
                 f"turn {len(self._turns) + 1}: {len(target)} conversation tokens, {reused} reused from the "
                 f"cache, encoding {len(target) - reused}"
             )
-            for event in stream_generate(self.model, tokenizer, prompt, cache=self.cache, settings=self._settings):
+            for event in stream_generate(
+                self.model, tokenizer, prompt, cache=self.cache, settings=self._settings, **positions
+            ):
                 if not state["prompt_in"]:
                     self._ids += prompt  # stream_generate encoded the generation prompt first
                     state["prompt_in"] = True

@@ -1,4 +1,4 @@
-"""The ``dgemma`` command line: ``generate``, ``chat``, ``convert`` and ``serve``.
+"""The ``dgemma`` command line: ``generate``, ``chat``, ``convert``, ``serve`` (and ``infill``/``edit``, in cli_infill).
 
 The CLI parses arguments, calls the library and renders; everything it does is reachable from
 Python (:func:`dgemma_mlx.load`, :func:`dgemma_mlx.generate.stream_generate`,
@@ -57,7 +57,7 @@ def default_model() -> str:
     return os.environ.get("DGEMMA_MODEL") or DEFAULT_MODEL
 
 
-def load_with_status(model: str, quiet: bool = False):
+def load_with_status(model: str, quiet: bool = False, adapter: Optional[str] = None):
     """Load ``(model, tokenizer)``: a repo id is first fetched into the Hugging Face cache (with
     huggingface_hub's download progress), then a spinner shows while the weights load."""
     from .loading import load, resolve_model_path
@@ -65,7 +65,7 @@ def load_with_status(model: str, quiet: bool = False):
     path = resolve_model_path(model)
     status = err.status(f"Loading {model} …") if err.is_terminal and not quiet else nullcontext()
     with status:
-        return load(path)
+        return load(path, adapter_path=adapter)
 
 
 # Shared sampling options (generate and chat).
@@ -294,6 +294,9 @@ def serve(
     served_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients use (default: --model)."),
     max_queue: int = typer.Option(32, "--max-queue", help="Requests that may wait; more get 503 with Retry-After."),
     cache_gb: float = typer.Option(4.0, "--cache-gb", help="Keep the prefix cache between requests up to this size."),
+    allow_origin: Optional[list[str]] = typer.Option(
+        None, "--allow-origin", help="A web origin whose pages may call the server (CORS; repeatable; '*': any)."
+    ),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streamed drafts)."""
     from .serve import bind, serve as run_server
@@ -304,24 +307,18 @@ def serve(
         raise DGemmaError("--max-queue must be at least 1 and --cache-gb at least 0")
     bind(host, port).close()  # a taken port is reported before the (slow) model load
     name = model or default_model()
-    if adapter is None:
-        mdl, tok = load_with_status(name)
-    else:
-        mdl, tok = load_with_adapter(name, adapter)
+    mdl, tok = load_with_status(name, adapter=adapter)
+    model_id = served_name or name
     run_server(
-        mdl, tok, host=host, port=port, model_id=served_name or name, api_key=api_key, max_queue=max_queue,
-        cache_bytes=int(cache_gb * 2**30), on_ready=lambda url: err.print(f"Serving {served_name or name} at {url}", soft_wrap=True, markup=False),
+        mdl, tok, host=host, port=port, model_id=model_id, api_key=api_key, max_queue=max_queue,
+        cache_bytes=int(cache_gb * 2**30), allow_origins=allow_origin or (),
+        on_ready=lambda url: err.print(f"Serving {model_id} at {url}", soft_wrap=True, markup=False),
     )
 
 
-def load_with_adapter(name: str, adapter: str):
-    import inspect
 
-    from .loading import load
 
-    if "adapter_path" not in inspect.signature(load).parameters:
-        raise DGemmaError("--adapter needs adapter support in dgemma_mlx.load, which this build lacks")
-    return load(name, adapter_path=adapter)
+from . import cli_infill, cli_sudoku, train_cli  # noqa: E402,F401  (register infill, edit, sudoku, models, train, fuse)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

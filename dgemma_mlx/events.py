@@ -12,7 +12,7 @@ the JSON Lines writer, the chat REPL) never touch MLX arrays.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class PassEvent:
         elapsed: seconds since the generation started (prefill included).
         tokens_per_second: committed tokens so far divided by the time spent generating (0 before
             the first commit).
+        pinned: per position, True where the token is pinned (fixed by the caller: always
+            accepted, never changed); None when nothing in this block is pinned. ``mean_entropy``
+            is then the mean over the free positions only.
+        logprob: per position, the log-probability (temperature 1) of the argmax token, when
+            the caller asked for scores; else None.
     """
 
     block: int
@@ -46,6 +51,8 @@ class PassEvent:
     stopped: bool
     elapsed: float
     tokens_per_second: float = 0.0
+    pinned: Optional[list[bool]] = None
+    logprob: Optional[list[float]] = None
     type: Literal["pass"] = "pass"
 
     @property
@@ -134,4 +141,6 @@ def event_to_json(event: Event) -> dict:
         data["accepted_count"] = event.accepted_count
         data["entropy"] = [round(e, 6) for e in event.entropy]
         data["mean_entropy"] = round(event.mean_entropy, 8)
+        if event.logprob is not None:
+            data["logprob"] = [round(x, 6) for x in event.logprob]
     return data

@@ -1,7 +1,7 @@
 """Block-by-block generation.
 
 The prompt is encoded into the prefix cache once. Then, block after block, a canvas of uniform
-random ids is refined by denoising passes (:func:`dgemma_mlx.sampler.sampler_step`) until the
+random ids is refined by denoising passes (:func:`dgemma_mlx.refine.refine_block`) until the
 stable-and-confident criterion stops it or ``steps`` passes are done; its argmax is committed.
 Generation ends at the first EOS token or after ``max_new_tokens``; otherwise the committed block
 is encoded into the cache (once: the prefix is never re-encoded) and the next canvas begins.
@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import PrefixCache
 from .channels import ChannelSplitter, channel_ids
 from .errors import DGemmaError
 from .events import CommitEvent, EndEvent, Event, GenerationStats, PassEvent
-from .sampler import sampler_step, temperature, uniform_tokens
+from .refine import initial_canvas, refine_block
 
 
 @dataclass(frozen=True)
@@ -121,15 +122,14 @@ def build_prompt(
     chat_template: bool = True,
 ) -> list[int]:
     """Token ids for a user prompt: through the tokenizer's chat template (``enable_thinking`` =
-    ``think``), or the raw text (with the tokenizer's BOS) when ``chat_template`` is False."""
+    ``think``), or the raw text (with the tokenizer's BOS) when ``chat_template`` is False or the
+    tokenizer has none (a base model, such as the bundled ``pycode``: it continues text)."""
     if not prompt or not prompt.strip():
         raise DGemmaError("the prompt is empty")
-    if not chat_template:
+    if not chat_template or not getattr(tokenizer, "has_chat_template", False):
         if system:
             prompt = f"{system}\n\n{prompt}"
         return list(tokenizer.encode(prompt))
-    if not getattr(tokenizer, "has_chat_template", False):
-        raise DGemmaError("this tokenizer has no chat template; use --no-chat-template for a raw prompt")
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
@@ -157,6 +157,10 @@ def stream_generate(
     cache: Optional[PrefixCache] = None,
     settings: Optional[GenerationSettings] = None,
     images: Optional[Sequence[Any]] = None,
+    warm_start: Optional[Sequence[Optional[int]]] = None,
+    pinned: Optional[Sequence[Optional[int]]] = None,
+    stop_at_eos: bool = True,
+    score: bool = False,
     **overrides: Any,
 ) -> Iterator[Event]:
     """Generate from ``prompt`` and yield a :class:`PassEvent` per denoising pass, a
@@ -171,6 +175,17 @@ def stream_generate(
             keyword overrides such as ``steps=16`` or ``seed=0``.
         images: :class:`~dgemma_mlx.multimodal.PromptImage` s for the image tokens of ``prompt``,
             in order (see :func:`~dgemma_mlx.multimodal.build_image_prompt`).
+        warm_start: tokens for the generated positions (index ``i`` = block ``i // C``, slot
+            ``i % C``), None or -1 where free: a block's first canvas holds them instead of noise
+            (the reference's ``decoder_input_ids``), and passes may change them.
+        pinned: like ``warm_start``, but the tokens are fixed: in the canvas at every pass, always
+            accepted, outside the entropy bound and the stop rule's mean entropy.
+        stop_at_eos: False commits whole blocks whatever EOS tokens they hold and generates every
+            block (infilling, where EOS fill is pinned).
+        score: give every :class:`PassEvent` the ``logprob`` of its argmax tokens.
+
+    With neither ``warm_start`` nor ``pinned`` the output is that of earlier versions, bit for bit
+    under the same seed.
     """
     settings = (settings or default_settings(model)).update(**overrides)
     ids = list(tokenizer.encode(prompt)) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -194,7 +209,9 @@ def stream_generate(
     room = (context - cache.offset - len(ids)) // C * C
     max_new = min(settings.max_new_tokens, room)
     n_blocks = math.ceil(max_new / C)
-    eos = set(args.eos_token_ids)
+    warm = position_tokens(warm_start, n_blocks * C, V, "warm start")
+    pins = position_tokens(pinned, n_blocks * C, V, "pinned")
+    eos = set(args.eos_token_ids) if stop_at_eos else set()
     splitter = ChannelSplitter(tokenizer, *channel_ids(tokenizer))
 
     cache.reserve(cache.offset + len(ids) + n_blocks * C)
@@ -209,56 +226,29 @@ def stream_generate(
     out: list[int] = []
     steps_total = 0
     finish = "length"
-    use_probs = model.dtype == mx.float32
     for block in range(n_blocks):
         key, init_key = mx.random.split(key)
-        canvas = uniform_tokens((1, C), V, init_key)
-        history: list[mx.array] = []
-        sc_logits = sc_probs = None
-        argmax = canvas
-        steps = 0
-        for n in range(settings.steps, 0, -1):
-            key, step_key = mx.random.split(key)
-            logits = model.denoise(canvas, cache, sc_logits, self_conditioning_probs=sc_probs)
-            r = sampler_step(
-                logits,
-                step=n,
-                max_steps=settings.steps,
-                t_min=settings.t_min,
-                t_max=settings.t_max,
-                entropy_bound=settings.entropy_bound,
-                confidence_threshold=settings.confidence_threshold,
-                history=history,
-                stability_threshold=settings.stability_threshold,
-                key=step_key,
-            )
-            mx.async_eval(r.canvas, r.argmax, r.accepted, r.entropy, r.mean_entropy, r.stop)
-            steps += 1
-            stop = bool(r.stop[0].item())
-            argmax = r.argmax
+        block_warm, block_pins = (_block_slice(x, block, C) for x in (warm, pins))
+        canvas = initial_canvas((1, C), V, init_key, warm_start=block_warm, pinned=block_pins)
+        pin_mask = None if block_pins is None else (np.array(block_pins[0]) >= 0).tolist()
+        for p in refine_block(model, cache, canvas, settings=settings, key=key, pinned=block_pins, score=score):
             elapsed = time.perf_counter() - start
             yield PassEvent(
                 block=block,
-                step=steps,
+                step=p.step,
                 max_steps=settings.steps,
-                temperature=temperature(n, settings.steps, settings.t_min, settings.t_max),
-                canvas=r.argmax[0].tolist(),
-                accepted=r.accepted[0].tolist(),
-                entropy=r.entropy[0].tolist(),
-                mean_entropy=float(r.mean_entropy[0].item()),
-                stopped=stop,
+                temperature=p.temperature,
+                canvas=p.argmax[0].tolist(),
+                accepted=p.accepted[0].tolist(),
+                entropy=p.entropy[0].tolist(),
+                mean_entropy=float(p.mean_entropy[0].item()),
+                stopped=bool(p.stopped[0]),
                 elapsed=elapsed,
                 tokens_per_second=len(out) / max(time.perf_counter() - gen_start, 1e-9),
+                pinned=pin_mask,
+                logprob=None if p.logprob is None else p.logprob[0].tolist(),
             )
-            if stop:
-                break
-            canvas = r.canvas
-            if use_probs:
-                sc_probs = r.probs
-            else:
-                sc_logits = r.scaled
-            if settings.stability_threshold:
-                history = (history + [r.argmax])[-settings.stability_threshold :]
+        key, argmax, steps = p.key, p.argmax, p.step
         steps_total += steps
 
         block_tokens = argmax[0].tolist()
@@ -305,3 +295,30 @@ def generate(model, tokenizer, prompt: Union[str, Sequence[int]], **kwargs: Any)
     for event in stream_generate(model, tokenizer, prompt, **kwargs):
         end = event
     return end
+
+
+def position_tokens(
+    values: Optional[Sequence[Optional[int]]], limit: int, vocab_size: int, what: str
+) -> Optional[np.ndarray]:
+    """Per-position tokens over generated positions as int32 [limit] (-1 = free), or None when
+    ``values`` fixes nothing. Raises a one-line error for bad positions or token ids."""
+    if values is None:
+        return None
+    if len(values) > limit:
+        raise DGemmaError(f"{what} tokens cover {len(values)} positions, more than the {limit} being generated")
+    out = np.full(limit, -1, dtype=np.int32)
+    for i, v in enumerate(values):
+        if v is None or v == -1:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < vocab_size:
+            raise DGemmaError(f"{what} token at position {i} is not a token id of this model: {v!r}")
+        out[i] = v
+    return out if (out >= 0).any() else None
+
+
+def _block_slice(tokens: Optional[np.ndarray], block: int, C: int) -> Optional[mx.array]:
+    # Block ``block``'s slice of per-position tokens as int32 [1, C], or None when all free.
+    if tokens is None:
+        return None
+    part = tokens[block * C : (block + 1) * C]
+    return mx.array(part)[None] if (part >= 0).any() else None

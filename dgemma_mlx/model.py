@@ -17,12 +17,15 @@ times ``layer_scalar``. The router reads ``r``. Attention uses scale 1.0 with RM
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
+from .adapters import encoding_pass
 from .cache import FullAttentionCache, PrefixCache, SlidingWindowCache
 from .config import FULL, SLIDING, ModelArgs
 from .experts import Experts
@@ -65,11 +68,11 @@ class Router(nn.Module):
         h = rms_norm_noscale(x, self.eps) * self.scale * self.root_size
         probs = mx.softmax(self.proj(h).astype(mx.float32), axis=-1)
         k = self.top_k
-        idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+        idx = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])
         w = mx.take_along_axis(probs, idx, axis=-1)
         w = w / w.sum(axis=-1, keepdims=True)
         w = w * self.per_expert_scale[idx].astype(mx.float32)
-        return mx.stop_gradient(idx.astype(mx.uint32)), w
+        return idx.astype(mx.uint32), w
 
 
 class Attention(nn.Module):
@@ -141,7 +144,7 @@ class Attention(nn.Module):
         The prefix is read in place: it is never concatenated with the canvas keys."""
         q, k, v = self._qkv(x, offset)
         prefix = cache.prefix() if cache is not None else None
-        parts = [(k, v, None)] if prefix is None else [(*prefix, None), (k, v, None)]
+        parts = [(k, v, None)] if prefix is None else [(*prefix, cache.prefix_mask()), (k, v, None)]
         return self._out(_attend(q, parts))
 
 
@@ -161,7 +164,8 @@ def _causal_mask(L: int, kept: int, window: Optional[int], prefix_only: bool = F
 
 def _attend(q: mx.array, parts: list) -> mx.array:
     """Attention (scale 1.0) of q [B, H, L, D] over key/value parts [B, kv, K_i, D] with optional
-    additive masks [L, K_i]: one softmax across all parts, computed without concatenating them.
+    additive masks [L, K_i] (or [B, 1, 1, L, K_i] per row): one softmax across all parts, computed
+    without concatenating them.
 
     Query heads share key/value heads in groups (GQA, kv-major). Groups of kv heads are spread
     over :func:`compute_streams` (on the CPU, MLX runs each op on one core).
@@ -215,7 +219,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(args, layer)
         self.mlp = MLP(H, args.intermediate_size)
         self.router = Router(args)
-        self.experts = Experts(H, args.moe_intermediate_size, args.num_experts)
+        self.experts = Experts(H, args.moe_intermediate_size, args.num_experts, args.top_k_experts)
         self.input_layernorm = nn.RMSNorm(H, eps=eps)
         self.post_attention_layernorm = nn.RMSNorm(H, eps=eps)
         self.pre_feedforward_layernorm = nn.RMSNorm(H, eps=eps)
@@ -263,8 +267,27 @@ class SelfConditioning(nn.Module):
         return rms_norm_noscale(embeds, self.eps)
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a loaded model came from (kept out of the module tree, so not a parameter)."""
+
+    path: Optional[Path] = None
+    generation_config: dict = field(default_factory=dict)
+
+
 class Model(nn.Module):
     """The DiffusionGemma text model. Weights are shared by :meth:`encode` and :meth:`denoise`."""
+
+    source: Source = Source()
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self.source.path
+
+    @property
+    def generation_config(self) -> dict:
+        """The checkpoint's ``generation_config.json`` (nulls dropped; {} when absent)."""
+        return self.source.generation_config
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -346,19 +369,34 @@ class Model(nn.Module):
         if image_features is not None:
             from .multimodal import encode_chunks
 
-            for chunk, h, groups in encode_chunks(self, ids, image_features, step):
-                self._encode_chunk(chunk, h, cache, groups)
+            for chunk, images in encode_chunks(self, ids, image_features, step):
+                self.encoder_pass(chunk, cache.layers, cache.offset, images)
+                cache.advance(chunk.shape[1])
+                mx.eval(cache.arrays())
             return
         for start in range(0, ids.shape[1], step):
             chunk = ids[:, start : start + step]
-            self._encode_chunk(chunk, self._embed(chunk), cache)
+            self.encoder_pass(chunk, cache.layers, cache.offset)
+            cache.advance(chunk.shape[1])
+            mx.eval(cache.arrays())
 
-    def _encode_chunk(self, chunk: mx.array, h: mx.array, cache: PrefixCache, groups=None) -> None:
-        offset = cache.offset
-        for layer, c in zip(self.layers, cache.layers):
-            h = layer(h, c, offset, encode=True, groups=groups)
-        cache.advance(chunk.shape[1])
-        mx.eval(cache.arrays())
+    def encoder_pass(self, ids: mx.array, layer_caches: list, offset: int, images=None) -> mx.array:
+        """One causal pass of ``ids`` (int [B, L]) at positions ``offset...``, appending to each of
+        ``layer_caches``; returns the last hidden states [B, L, H] (before the final norm).
+
+        :meth:`encode` drives it over a :class:`PrefixCache`; training gives it recording caches
+        so the encoder's keys/values and hidden states stay in the autodiff graph. ``images``
+        (:class:`~dgemma_mlx.multimodal.ChunkImages`) puts image features at their tokens and makes
+        each image's tokens attend to each other both ways."""
+        with encoding_pass():
+            h = self._embed(ids)
+            groups = None
+            if images is not None:
+                h[0, images.positions] = images.features.astype(h.dtype)
+                groups = images.groups
+            for layer, c in zip(self.layers, layer_caches):
+                h = layer(h, c, offset, encode=True, groups=groups)
+        return h
 
     def denoise(
         self,
@@ -367,12 +405,15 @@ class Model(nn.Module):
         self_conditioning_logits: Optional[mx.array] = None,
         *,
         self_conditioning_probs: Optional[mx.array] = None,
+        self_conditioning_mask: Optional[mx.array] = None,
     ) -> mx.array:
         """Logits (float32 [B, C, V], soft-capped) for ``canvas`` (int [B, C]) placed after the cache.
 
         ``self_conditioning_logits`` are the previous step's temperature-scaled logits [B, C, V]
         (None on a canvas's first step). ``self_conditioning_probs`` may be given instead: their
-        softmax, when the caller already has it. The cache is not modified.
+        softmax, when the caller already has it. ``self_conditioning_mask`` (bool [B]) zeroes the
+        signal of the rows where it is False (training: self-conditioning per example). The cache is
+        not modified; its ``offset`` may be an int array [B] (one canvas position per row).
         """
         if canvas.ndim == 1:
             canvas = canvas[None]
@@ -384,6 +425,8 @@ class Model(nn.Module):
             self_conditioning_probs = rows_in_parallel(softmax, sc)
         if self_conditioning_probs is not None:
             soft = self.soft_embedding(self_conditioning_probs)
+            if self_conditioning_mask is not None:
+                soft = soft * self_conditioning_mask.astype(soft.dtype)[:, None, None]
         h = self.self_conditioning(h, soft)
         offset = cache.offset
         for layer, c in zip(self.layers, cache.layers):
@@ -421,8 +464,9 @@ class Model(nn.Module):
             out[key] = value
         return out
 
-    def quant_predicate(self, expert_bits: int, group_size: int, mode: str = "affine"):
-        """The default recipe: experts at ``expert_bits``; everything else at 8 bits."""
+    def quantization_recipe(self, expert_bits: int, group_size: int, mode: str = "affine"):
+        """mlx-lm's ``quant_predicate`` for the default recipe: experts at ``expert_bits``;
+        everything else at 8 bits."""
 
         def predicate(path: str, module: nn.Module):
             if not hasattr(module, "to_quantized"):

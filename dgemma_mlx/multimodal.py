@@ -174,10 +174,19 @@ def image_runs(ids: np.ndarray, image_token_id: int) -> list[tuple[int, int]]:
     return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
 
 
-def encode_chunks(model, ids: mx.array, features: mx.array, step: int) -> Iterator[tuple[mx.array, mx.array, Optional[mx.array]]]:
-    """Chunks of ``ids`` [1, L] for :meth:`Model.encode`: ``(ids, embeddings, groups)`` with the
-    image features merged at the image tokens and ``groups`` [l] (image index, -1 for text; None
-    when the chunk has no image token). A chunk is extended so that it never splits an image."""
+@dataclass(frozen=True)
+class ChunkImages:
+    """The images of one encoded chunk: ``features`` [n, H] go at the chunk's ``positions`` [n];
+    ``groups`` [l] gives each token's image (-1 for text)."""
+
+    positions: mx.array
+    features: mx.array
+    groups: mx.array
+
+
+def encode_chunks(model, ids: mx.array, features: mx.array, step: int) -> Iterator[tuple[mx.array, Optional[ChunkImages]]]:
+    """Chunks of ``ids`` [1, L] for :meth:`Model.encode`, each with its :class:`ChunkImages` (None
+    when it has no image token). A chunk is extended so that it never splits an image."""
     if ids.shape[0] != 1:
         raise DGemmaError("prompts with images are encoded one sequence at a time (batch size 1)")
     flat = np.array(ids[0])
@@ -197,14 +206,12 @@ def encode_chunks(model, ids: mx.array, features: mx.array, step: int) -> Iterat
         end = min(start + step, len(flat))
         if end < len(flat) and groups[end] >= 0 and groups[end - 1] == groups[end]:
             end = next(b for a, b in runs if a < end < b)
-        chunk = ids[:, start:end]
-        h = model._embed(chunk)
         local = np.flatnonzero(groups[start:end] >= 0)
-        g = None
+        images = None
         if len(local):
-            h[0, mx.array(local)] = features[mx.array(row[start:end][local])].astype(h.dtype)
-            g = mx.array(groups[start:end])
-        yield chunk, h, g
+            rows = mx.array(row[start:end][local])
+            images = ChunkImages(mx.array(local), features[rows], mx.array(groups[start:end]))
+        yield ids[:, start:end], images
         start = end
 
 

@@ -30,6 +30,7 @@ from .events import CommitEvent, EndEvent, Event, GenerationStats, PassEvent
 __all__ = [
     "ACCEPTED_STYLE",
     "CHANGED_STYLE",
+    "PINNED_STYLE",
     "LiveView",
     "PlainView",
     "TokenPieces",
@@ -40,6 +41,8 @@ __all__ = [
 
 ACCEPTED_STYLE = Style(bold=True, color="green")
 """Canvas positions whose token was accepted in this pass."""
+PINNED_STYLE = Style(color="bright_white", dim=True)
+"""Canvas positions pinned by the caller (infilling's fixed text): never change."""
 CHANGED_STYLE = Style(underline=True)
 """Added to canvas positions whose token differs from the previous pass of the same block."""
 SPECIAL_STYLE = Style(italic=True)
@@ -159,7 +162,8 @@ def _utf8_length(lead: int) -> int:
 def canvas_text(event: PassEvent, pieces: TokenPieces, previous: Optional[list[int]] = None) -> Text:
     """The canvas of one pass as styled text, one piece per position.
 
-    Accepted positions get :data:`ACCEPTED_STYLE`, the others :func:`noise_style` of their entropy;
+    Pinned positions get :data:`PINNED_STYLE`, accepted ones :data:`ACCEPTED_STYLE`, the others
+    :func:`noise_style` of their entropy;
     positions whose token differs from ``previous`` (the previous pass's canvas) also get
     :data:`CHANGED_STYLE`. A run of byte tokens that forms a whole UTF-8 character is shown as that
     character (styled like its first position, marked changed if any byte changed); a stray
@@ -189,7 +193,9 @@ def canvas_text(event: PassEvent, pieces: TokenPieces, previous: Optional[list[i
                 display = pieces.piece(tid)
         else:
             display = pieces.piece(tid)
-        if i < len(accepted) and accepted[i]:
+        if event.pinned is not None and i < len(event.pinned) and event.pinned[i]:
+            style = PINNED_STYLE
+        elif i < len(accepted) and accepted[i]:
             style = ACCEPTED_STYLE
         else:
             style = noise_style(entropy[i] if i < len(entropy) else 0.0)

@@ -12,6 +12,14 @@ logits ``[B, C, V]`` into the next canvas, following transformers'
 5. A row stops when its argmax canvas has not changed for ``stability_threshold`` steps and its
    mean entropy is below ``confidence_threshold``.
 
+Pinned positions (ours; the reference has none) hold a fixed token: it is the draw, the argmax and
+the next canvas there, the position counts as accepted, and it is left out of the entropy-bound
+selection (the bound applies to the free positions) and of the stop rule's mean entropy (the mean
+over the free positions; a row with no free position stops at once).
+
+``key`` is one key for the whole batch, or one key per row ([B, 2]): then row ``b`` draws exactly
+what a one-row call with ``key[b]`` draws, so a batch reproduces independent runs.
+
 Everything here is a pure function of ``mx.array``s that never synchronises with the host, so the
 generation loop can ``mx.async_eval`` a whole step.
 """
@@ -19,6 +27,7 @@ generation loop can ``mx.async_eval`` a whole step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -167,15 +176,29 @@ def sample_tokens(scaled_logits: mx.array, key: mx.array) -> mx.array:
     return _inverse_cdf(blocks, block_sums, argmax, _uniforms(scaled.shape[:-1], key))
 
 
+def _per_row(draw, shape: tuple[int, ...], key: mx.array) -> mx.array:
+    # draw(shape, key) with one key, or row by row with one key per row ([B, 2]), so that row b
+    # gets exactly what draw((1, *shape[1:]), key[b]) gives.
+    if key.ndim == 1:
+        return draw(shape, key)
+    return mx.vmap(lambda k: draw(shape[1:], k))(key)
+
+
+def split_key(key: mx.array) -> tuple[mx.array, mx.array]:
+    """``mx.random.split(key)`` for one key [2] or for each of per-row keys [B, 2]."""
+    parts = mx.random.split(key) if key.ndim == 1 else mx.vmap(mx.random.split)(key).swapaxes(0, 1)
+    return parts[0], parts[1]
+
+
 def _uniforms(shape: tuple[int, ...], key: mx.array) -> mx.array:
     # One uniform per position, [..., 1]: drawn for the whole canvas at once, so that splitting
     # the work over streams does not change the draws.
-    return mx.random.uniform(shape=(*shape, 1), key=key)
+    return _per_row(lambda shp, k: mx.random.uniform(shape=(*shp, 1), key=k), shape, key)
 
 
 def uniform_tokens(shape: tuple[int, ...], vocab_size: int, key: mx.array) -> mx.array:
-    """Uniform random token ids in ``[0, vocab_size)``, int32 of ``shape``."""
-    return mx.random.randint(0, vocab_size, shape, dtype=mx.int32, key=key)
+    """Uniform random token ids in ``[0, vocab_size)``, int32 of ``shape`` (one key, or one per row)."""
+    return _per_row(lambda shp, k: mx.random.randint(0, vocab_size, shp, dtype=mx.int32, key=k), shape, key)
 
 
 def renoise(accepted: mx.array, sampled: mx.array, vocab_size: int, key: mx.array) -> mx.array:
@@ -212,8 +235,8 @@ class StepResult:
     argmax: mx.array  # int32 [B, C]: argmax of the scaled logits
     accepted: mx.array  # bool [B, C]: positions whose draw was accepted
     entropy: mx.array  # float32 [B, C]: entropy of softmax(scaled)
-    mean_entropy: mx.array  # float32 [B]
-    stop: mx.array  # bool [B]: stable and confident
+    mean_entropy: mx.array  # float32 [B]: over the free (unpinned) positions
+    stop: mx.array  # bool [B]: stable and confident (or nothing free)
     scaled: mx.array  # float32 [B, C, V]: logits / T, the next self-conditioning input
     probs: mx.array  # float32 [B, C, V]: softmax(scaled)
 
@@ -230,6 +253,7 @@ def sampler_step(
     history: list[mx.array],
     stability_threshold: int,
     key: mx.array,
+    pinned: Optional[mx.array] = None,
 ) -> StepResult:
     """One denoising step of the sampler for decoder logits [B, C, V] at step ``step``.
 
@@ -239,8 +263,12 @@ def sampler_step(
     from ``[0, V)``. ``history`` holds this block's previous argmax canvases; the caller appends
     ``argmax`` afterwards (and may keep only the last ``stability_threshold``). Freezing rows that
     already stopped is also the caller's job. Nothing here waits for the device.
+
+    ``pinned`` (int32 [B, C], -1 = free) fixes tokens (see the module docstring); ``entropy`` stays
+    the model's own at pinned positions, ``mean_entropy`` is over the free ones. ``key`` is one
+    key [2] or one per row [B, 2].
     """
-    sample_key, noise_key = mx.random.split(key)
+    sample_key, noise_key = split_key(key)
     t = mx.array(temperature(step, max_steps, t_min, t_max), mx.float32)
     u = _uniforms(logits.shape[:-1], sample_key)
     # The per-position work (vocabulary-sized) is spread over the compute streams by canvas rows.
@@ -249,15 +277,26 @@ def sampler_step(
         with mx.stream(stream):
             pieces.append(_per_position(logits[..., a:b, :], t, u[..., a:b, :]))
     scaled, argmax, entropy, sampled, probs = (_join(list(p)) for p in zip(*pieces))
-    accepted = accept_from_entropy(entropy, entropy_bound)
-    mean_entropy = entropy.mean(-1)
+    if pinned is None:
+        accepted = accept_from_entropy(entropy, entropy_bound)
+        mean_entropy = entropy.mean(-1)
+        nothing_free = None
+    else:
+        fixed = pinned >= 0
+        argmax, sampled = mx.where(fixed, pinned, argmax), mx.where(fixed, pinned, sampled)
+        # Pinned entropies sort last as +inf, so the bound's cumulative sum sees only free ones.
+        accepted = accept_from_entropy(mx.where(fixed, mx.inf, entropy), entropy_bound) | fixed
+        n_free = (~fixed).sum(-1)
+        mean_entropy = mx.where(fixed, 0.0, entropy).sum(-1) / mx.maximum(n_free, 1)
+        nothing_free = n_free == 0
+    stop = is_stable(history, argmax, stability_threshold) & (mean_entropy < confidence_threshold)
     return StepResult(
         canvas=renoise(accepted, sampled, logits.shape[-1], noise_key),
         argmax=argmax,
         accepted=accepted,
         entropy=entropy,
         mean_entropy=mean_entropy,
-        stop=is_stable(history, argmax, stability_threshold) & (mean_entropy < confidence_threshold),
+        stop=stop if nothing_free is None else stop | nothing_free,
         scaled=scaled,
         probs=probs,
     )

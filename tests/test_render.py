@@ -286,3 +286,16 @@ def test_format_stats_is_two_lines_with_the_measurements():
     for value in ["12 tokens", "240.0 tok/s", "300 tokens", "2 blocks", "40 passes", "7.50 tok/pass",
                   "50.0 tok/s", "3.21 GB"]:
         assert value in text
+
+
+def test_pinned_positions_have_their_own_style(tok):
+    from dataclasses import replace
+
+    from dgemma_mlx.render import PINNED_STYLE
+
+    ids = enc(tok, "The sky is blue")  # T h e ▁sky ▁is ▁blue
+    event = replace(make_pass(ids, accepted=[True] * 6), pinned=[False, False, False, True, False, True])
+    view = LiveView(tok, recording_console())
+    view.update(event)
+    assert all(s.color == PINNED_STYLE.color and not s.bold for s in styles_of(view, view.console, " sky"))
+    assert all(s.bold and s.color == ACCEPTED_STYLE.color for s in styles_of(view, view.console, " is"))

@@ -9,11 +9,10 @@ through one at a time.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import signal
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -24,6 +23,7 @@ from dgemma_mlx.chat import ChatSession
 from dgemma_mlx.cli import main
 from dgemma_mlx.events import CommitEvent
 from dgemma_mlx.generate import build_prompt, default_settings, generate, render_chat, stream_generate
+from dgemma_mlx.infill import infill
 from dgemma_mlx.serve import bind
 from serving import GatedModel, ServerProcess, ServerThread, post, sse_chunks, wait_until
 
@@ -150,6 +150,24 @@ def test_completion_streams_text_chunks(client, model_id):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_completion_with_suffix_is_the_infill_of_the_hole(client, model_id, model, tokenizer):
+    prompt, suffix = "def area(r):\n    return ", "\n\nprint(area(2))"
+    reply = client.completions.create(model=model_id, prompt=prompt, suffix=suffix, seed=2, max_tokens=8,
+                                      extra_body=FAST)
+    direct = infill(model, tokenizer, prompt + "<|fill|>" + suffix, fill_length=8, seed=2, steps=3)
+    assert reply.choices[0].text == direct.fills[0]
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(prompt)) and reply.usage.completion_tokens <= 8
+    assert reply.usage.passes == direct.stats.steps
+    chunks = list(client.completions.create(model=model_id, prompt=prompt, suffix=suffix, seed=2, max_tokens=8,
+                                            extra_body=FAST, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == direct.fills[0]
+
+
+def test_a_suffix_with_a_fill_marker_is_a_400(server, model_id):
+    r = post(server.base_url + "/completions", {"model": model_id, "prompt": "a", "suffix": "b <|fill|> c"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
+
+
 def test_stop_string_ends_the_answer_before_it(client, model_id, model, tokenizer):
     text = direct_chat(model, tokenizer, QUESTIONS[4], seed=4).text
     stop = text[5:8]
@@ -248,6 +266,18 @@ def test_a_wrong_api_key_is_a_401(model, tokenizer):
         srv.close()
 
 
+def test_browser_pages_of_allowed_origins_may_call_the_server(model, tokenizer):
+    srv = ServerThread(model, tokenizer, model_id="m", allow_origins=["http://ui.example"])
+    try:
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        ok = httpx.options(srv.base_url + "/chat/completions", headers={"Origin": "http://ui.example", **preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://ui.example"
+        other = httpx.options(srv.base_url + "/chat/completions", headers={"Origin": "http://evil.example", **preflight})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        srv.close()
+
+
 def test_serve_reports_a_taken_port_before_loading(capsys):
     sock = bind("127.0.0.1", 0)
     try:
@@ -262,50 +292,81 @@ def test_serve_reports_a_taken_port_before_loading(capsys):
 # ------------------------------------------------------------------------ queue and cancellation
 
 
-def test_a_full_queue_answers_503_with_retry_after(model, tokenizer):
+@pytest.fixture
+def gated(model, tokenizer):
+    """``(server, model)``: an in-process server whose passes run only when the test allows them."""
     gated = GatedModel(model)
-    srv = ServerThread(gated, tokenizer, model_id="m", max_queue=1)
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "steps": 2}
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(post, srv.base_url + "/chat/completions", body)
-            wait_until(lambda: srv.worker.running is not None, what="the first request to run")
-            waiting = pool.submit(post, srv.base_url + "/chat/completions", body)
-            wait_until(lambda: srv.worker.queued == 1, what="the second request to wait")
-            r = post(srv.base_url + "/chat/completions", body)
-            assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
-            assert r.json()["error"]["code"] == "overloaded"
-            gated.allow(100)
-            assert running.result().status_code == 200 and waiting.result().status_code == 200
-    finally:
-        gated.allow(1000)
+    servers = []
+
+    def start(**options) -> ServerThread:
+        servers.append(ServerThread(gated, tokenizer, model_id="m", **options))
+        return servers[-1]
+
+    yield start, gated
+    gated.allow(1000)
+    for srv in servers:
         srv.close()
 
 
-def test_a_client_that_disconnects_cancels_its_generation_at_the_next_pass(model, tokenizer):
-    gated = GatedModel(model)
-    srv = ServerThread(gated, tokenizer, model_id="m")
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 256, "steps": 8,
+def drafted(max_tokens: int, steps: int) -> dict:
+    """A streamed chat request with drafts (model "m")."""
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "steps": steps,
             "stream": True, "stream_options": {"include_drafts": True}}
-    try:
-        gated.allow(1)
-        with httpx.stream("POST", srv.base_url + "/chat/completions", json=body, timeout=30) as r:
-            chunks = sse_chunks(r)
-            assert "role" in next(chunks)["choices"][0]["delta"]
-            assert next(chunks)["draft"]["step"] == 1
-        # The connection is closed; the worker waits for its second pass (or saw the cancellation
-        # before asking for it).
-        job = srv.worker.running
-        wait_until(lambda: job is None or job.cancelled, what="the job to be cancelled")
-        gated.allow(1000)
-        wait_until(lambda: srv.worker.counts["cancelled"] == 1, what="the worker to stop")
-        assert gated.passes <= 2
-        ok = post(srv.base_url + "/chat/completions", {**body, "stream": False, "stream_options": None,
-                                                       "max_tokens": 16})
-        assert ok.status_code == 200
-    finally:
-        gated.allow(1000)
-        srv.close()
+
+
+def test_a_full_queue_answers_503_with_retry_after(gated):
+    start, model = gated
+    srv = start(max_queue=1)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "steps": 2}
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post, srv.base_url + "/chat/completions", body)
+        wait_until(lambda: srv.worker.running is not None, what="the first request to run")
+        waiting = pool.submit(post, srv.base_url + "/chat/completions", body)
+        wait_until(lambda: srv.worker.queued == 1, what="the second request to wait")
+        r = post(srv.base_url + "/chat/completions", body)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
+        assert r.json()["error"]["code"] == "overloaded"
+        model.allow(100)
+        assert running.result().status_code == 200 and waiting.result().status_code == 200
+
+
+@contextlib.contextmanager
+def after_first_pass(srv, model, body):
+    """Stream ``body`` with only one pass allowed; yield the rest of the chunks after its draft."""
+    model.allow(1)
+    with httpx.stream("POST", srv.base_url + "/chat/completions", json=body, timeout=30) as r:
+        chunks = sse_chunks(r)
+        assert "role" in next(chunks)["choices"][0]["delta"]
+        assert next(chunks)["draft"]["step"] == 1
+        yield chunks
+
+
+def test_a_client_that_disconnects_cancels_its_generation_at_the_next_pass(gated):
+    start, model = gated
+    srv = start()
+    with after_first_pass(srv, model, drafted(256, 8)):
+        pass
+    # The connection is closed; the worker waits for its second pass (or saw the cancellation
+    # before asking for it).
+    job = srv.worker.running
+    wait_until(lambda: job is None or job.cancelled, what="the job to be cancelled")
+    model.allow(1000)
+    wait_until(lambda: srv.worker.counts["cancelled"] == 1, what="the worker to stop")
+    assert model.passes <= 2
+    ok = post(srv.base_url + "/chat/completions", {**drafted(16, 8), "stream": False, "stream_options": None})
+    assert ok.status_code == 200
+
+
+def test_shutting_down_ends_open_streams_with_an_error_and_refuses_new_requests(gated):
+    start, model = gated
+    srv = start()
+    with after_first_pass(srv, model, drafted(64, 4)) as chunks:
+        srv.worker.shutdown()  # what Ctrl-C / SIGTERM does first
+        model.allow(1000)
+        rest = list(chunks)
+    assert rest[-1]["error"]["code"] == "shutting_down"
+    refused = post(srv.base_url + "/chat/completions", {**drafted(16, 4), "stream": False, "stream_options": None})
+    assert refused.status_code == 503
 
 
 # ----------------------------------------------------------------------------------------- load

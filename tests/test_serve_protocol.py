@@ -9,6 +9,7 @@ import pytest
 
 from dgemma_mlx.events import CommitEvent, EndEvent
 from dgemma_mlx.generate import GenerationSettings, build_prompt, default_settings, generate, render_chat
+from dgemma_mlx.infill import InfillEnd
 from dgemma_mlx.serve.protocol import APIError, parse_chat, parse_completion
 from dgemma_mlx.serve.reply import Reply, StopFilter
 from dgemma_mlx.serve.worker import Finished, GenerationWorker, Job, QueueFull, Started
@@ -122,6 +123,16 @@ def test_length_finish_reason(tok):
     reply.commit(CommitEvent(block=0, tokens=[5], text="x", steps=1, eos=False, finished=True, encoded=False))
     assert reply.end(EndEvent(text="x", tokens=[5], finish_reason="length")).finish_reason == "length"
     assert reply.content == "x"
+
+
+def test_an_infill_reply_is_the_fill_and_stops_where_the_model_ended_it(tok):
+    reply = Reply(tok, chat=False, stops=[], eos_ids=[1], fill=(0, 4))
+    sky = enc(tok, " sky")
+    canvas = sky + [1] * (4 - len(sky)) + enc(tok, " blue")
+    assert reply.commit(commit(canvas, finished=True)).pieces == []  # pinned text is not the answer
+    end = reply.end(InfillEnd(text="the sky blue", tokens=canvas, finish_reason="length", fills=[" sky"]))
+    assert end.pieces == [("content", " sky")] and end.finish_reason == "stop"
+    assert reply.completion_tokens == len(sky) and reply.passes == 2
 
 
 # ------------------------------------------------------------------------------------ the worker

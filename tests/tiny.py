@@ -290,3 +290,19 @@ def install_in_hf_cache(src: Path, cache_dir: Path, repo_id: str, revision: str 
     (repo_dir / "refs").mkdir(exist_ok=True)
     (repo_dir / "refs" / "main").write_text(revision)
     return snapshot
+
+
+class DenoiseSpy:
+    """Wraps a model; records the first row of every canvas ``denoise`` reads (``.canvases``)."""
+
+    def __init__(self, model):
+        self.model, self.canvases = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def denoise(self, canvas, cache, *args, **kwargs):
+        import numpy as np
+
+        self.canvases.append(np.array(canvas)[0].tolist())
+        return self.model.denoise(canvas, cache, *args, **kwargs)

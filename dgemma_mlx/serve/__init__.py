@@ -18,7 +18,6 @@ from typing import Any, Callable, Optional
 
 from ..errors import DGemmaError
 from .app import create_app
-from .worker import DEFAULT_CACHE_BYTES
 
 __all__ = ["create_app", "serve", "bind"]
 
@@ -60,11 +59,15 @@ def serve(
     app = create_app(model, tokenizer, **app_options)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    worker = app.state.worker
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            worker.shutdown()  # open streams end now (with an error chunk) instead of after a timeout
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
     if on_ready is not None:
         on_ready(f"http://{shown}:{bound_port}/v1")
     server.run(sockets=[sock])
 
-
-DEFAULT_CACHE_GB = DEFAULT_CACHE_BYTES / 2**30

@@ -16,19 +16,23 @@ import asyncio
 import contextlib
 import hmac
 import json
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Sequence
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..chat import common_prefix
 from ..errors import DGemmaError
 from ..events import CommitEvent, EndEvent, PassEvent
 from ..generate import default_settings, render_chat
 from ..image_processing import decode_image, load_image, process_image
+from ..infill import DEFAULT_FILL_LENGTH, HOLE, plan_infill, stream_infill
 from ..multimodal import check_image_context, expand_image_tokens, has_vision, template_messages
 from . import protocol
 from .protocol import APIError, ChatRequest, CompletionRequest, GenerationRequest, ResponseShape
@@ -46,11 +50,13 @@ def create_app(
     api_key: Optional[str] = None,
     max_queue: int = 32,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    allow_origins: Sequence[str] = (),
 ) -> Starlette:
     """The OpenAI-compatible app serving ``model`` under the name ``model_id``.
 
-    ``api_key``: when set, ``/v1`` requests need ``Authorization: Bearer <api_key>``. The worker
-    thread starts with the app (lifespan) and is reachable as ``app.state.worker``.
+    ``api_key``: when set, ``/v1`` requests need ``Authorization: Bearer <api_key>``.
+    ``allow_origins``: web origins whose pages may call the server from a browser (CORS; ``"*"``
+    for any). The worker thread starts with the app (lifespan) and is ``app.state.worker``.
     """
     server = _Server(model, tokenizer, model_id, api_key, GenerationWorker(
         model, tokenizer, max_queue=max_queue, cache_bytes=cache_bytes
@@ -73,6 +79,8 @@ def create_app(
         ],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
         lifespan=lifespan,
+        middleware=[Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                               allow_headers=["*"])] if allow_origins else [],
     )
     app.state.worker = server.worker
     return app
@@ -132,12 +140,36 @@ class _Server:
         self._authorize(request)
         req = protocol.parse_completion(await _json(request), self.model_id, self.defaults)
         if req.suffix is not None:
-            raise protocol.bad_request("'suffix' (infilling) is not supported by this build", "suffix")
+            return await self._infill(request, req)
         ids = req.prompt if isinstance(req.prompt, list) else await run_in_threadpool(self.tokenizer.encode, req.prompt)
         vocab = int(self.model.args.vocab_size)
         if any(t >= vocab for t in ids):
             raise protocol.bad_request(f"'prompt' has token ids outside the vocabulary of {vocab}", "prompt")
         return await self._respond(request, req, list(ids), len(ids) - 1, chat=False)
+
+    async def _infill(self, request: Request, req: CompletionRequest) -> Response:
+        """``prompt`` + hole + ``suffix`` (:func:`dgemma_mlx.infill.stream_infill`); the answer is
+        the hole's fill, of ``max_tokens`` tokens at most (default: infill's)."""
+        plan = await run_in_threadpool(self._infill_plan, req)
+        text = f"{req.prompt}<|fill|>{req.suffix}"
+        length = plan.holes[0][1] - plan.holes[0][0]
+
+        def events(model, tokenizer):
+            return stream_infill(model, tokenizer, text, fill_length=length, settings=req.settings)
+
+        return await self._respond(request, req, plan.prompt, 0, chat=False, events=events, fill=plan.holes[0])
+
+    def _infill_plan(self, req: CompletionRequest):
+        if not isinstance(req.prompt, str):
+            raise protocol.bad_request("'suffix' needs a text prompt", "prompt")
+        for name, text in (("prompt", req.prompt), ("suffix", req.suffix)):
+            if HOLE.search(text):
+                raise protocol.bad_request(f"'{name}' must not contain a <|fill|> marker", name)
+        length = req.max_tokens or DEFAULT_FILL_LENGTH
+        try:
+            return plan_infill(self.model, self.tokenizer, [req.prompt, req.suffix], [length])
+        except DGemmaError as e:
+            raise protocol.bad_request(str(e), "suffix", code="context_length_exceeded" if "context" in str(e) else None)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -163,10 +195,7 @@ class _Server:
                 base = expand_image_tokens(base, counts, self.model.args)
         except DGemmaError as e:
             raise protocol.bad_request(str(e), "messages")
-        n = 0
-        while n < min(len(ids), len(base)) and ids[n] == base[n]:
-            n += 1
-        return ids, min(n, len(ids) - 1), images
+        return ids, min(common_prefix(ids, base), len(ids) - 1), images
 
     def _images(self, req: ChatRequest) -> list:
         """Read and process the request's images (the vision tower runs on the worker)."""
@@ -188,8 +217,9 @@ class _Server:
         return out
 
     async def _respond(
-        self, request: Request, req: GenerationRequest, ids: list[int], split: int, *, chat: bool, images=()
-    ):
+        self, request: Request, req: GenerationRequest, ids: list[int], split: int, *, chat: bool,
+        events=None, fill: Optional[tuple[int, int]] = None, images=(),
+    ) -> Response:
         if not ids:
             raise protocol.bad_request("the prompt is empty", "prompt")
         if images:
@@ -203,8 +233,8 @@ class _Server:
                 f"tokens and a reply needs room for one {self.canvas}-token block",
                 "messages" if chat else "prompt", code="context_length_exceeded",
             )
-        run = _Run(self.tokenizer, self.model, req, chat=chat)
-        job = Job(ids, split, req.settings, run.on_event, drafts=req.include_drafts, images=images)
+        run = _Run(self.tokenizer, self.model, req, chat=chat, fill=fill)
+        job = Job(ids, split, req.settings, run.on_event, drafts=req.include_drafts, events=events, images=images)
         try:
             self.worker.submit(job)
         except QueueFull as e:
@@ -236,9 +266,9 @@ class _Run:
     """One request's side of a job: turns worker events (on the worker thread) into
     :class:`Delta` s for the event loop, and the loop's side that sends them."""
 
-    def __init__(self, tokenizer, model, req: GenerationRequest, *, chat: bool):
+    def __init__(self, tokenizer, model, req: GenerationRequest, *, chat: bool, fill=None):
         self.req = req
-        self.reply = Reply(tokenizer, chat=chat, stops=req.stop, eos_ids=model.args.eos_token_ids)
+        self.reply = Reply(tokenizer, chat=chat, stops=req.stop, eos_ids=model.args.eos_token_ids, fill=fill)
         self.loop = asyncio.get_running_loop()
         self.items: asyncio.Queue = asyncio.Queue()
         self.started: Optional[Started] = None
@@ -275,6 +305,8 @@ class _Run:
                         if item.user_error:
                             raise protocol.bad_request(item.message)
                         raise APIError(500, item.message, type="server_error")
+                    if item.message:  # cancelled by the server (shutting down)
+                        raise APIError(503, item.message, type="server_error", code="shutting_down")
                     return  # cancelled: the client is gone
                 else:
                     yield item

@@ -71,6 +71,7 @@ class GenerationRequest:
         include_usage: a final chunk carrying ``usage`` (``stream_options.include_usage``).
         include_drafts: a draft chunk per denoising pass (``stream_options.include_drafts``).
         stop: strings that end the answer (not included in it).
+        max_tokens: the token limit the request gave (None: the default), also in ``settings``.
     """
 
     settings: GenerationSettings
@@ -78,6 +79,7 @@ class GenerationRequest:
     include_usage: bool = False
     include_drafts: bool = False
     stop: list[str] = field(default_factory=list)
+    max_tokens: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -245,8 +247,12 @@ def _generation_fields(body: dict, defaults: GenerationSettings) -> dict[str, An
     for name in ("include_usage", "include_drafts"):
         if options.get(name) is not None and not isinstance(options.get(name), bool):
             raise bad_request(f"'stream_options.{name}' must be true or false", f"stream_options.{name}")
+    max_tokens, param = _optional(body, "max_completion_tokens", int), "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, param = _optional(body, "max_tokens", int), "max_tokens"
     return dict(
-        settings=_settings(body, defaults),
+        settings=_settings(body, defaults, max_tokens, param),
+        max_tokens=max_tokens,
         stream=stream,
         include_usage=bool(options.get("include_usage")),
         include_drafts=bool(options.get("include_drafts")),
@@ -254,11 +260,7 @@ def _generation_fields(body: dict, defaults: GenerationSettings) -> dict[str, An
     )
 
 
-def _settings(body: dict, defaults: GenerationSettings) -> GenerationSettings:
-    max_tokens = _optional(body, "max_completion_tokens", int)
-    param = "max_completion_tokens"
-    if max_tokens is None:
-        max_tokens, param = _optional(body, "max_tokens", int), "max_tokens"
+def _settings(body: dict, defaults: GenerationSettings, max_tokens: Optional[int], param: str) -> GenerationSettings:
     values = {
         "max_new_tokens": (param, max_tokens),
         "steps": ("steps", _optional(body, "steps", int)),

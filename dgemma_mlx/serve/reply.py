@@ -73,10 +73,16 @@ class Reply:
         chat: split the thought from the answer (chat); else the text is one piece (completions).
         stops: stop strings (applied to the answer).
         eos_ids: the model's EOS ids (a draft is cut at the first one).
+        fill: for infilling, the generated positions ``(start, end)`` of the hole: the answer is
+            the hole's fill (sent whole when the run ends), drafts show the hole only.
     """
 
-    def __init__(self, tokenizer, *, chat: bool, stops: list[str], eos_ids: Iterable[int] = ()):
+    def __init__(
+        self, tokenizer, *, chat: bool, stops: list[str], eos_ids: Iterable[int] = (),
+        fill: Optional[tuple[int, int]] = None,
+    ):
         self.tokenizer = tokenizer
+        self.fill = fill
         self.eos_ids = set(int(i) for i in eos_ids)
         self.chat = chat
         self.splitter = ChannelSplitter(tokenizer, *channel_ids(tokenizer)) if chat else None
@@ -95,8 +101,11 @@ class Reply:
     def draft(self, event: PassEvent) -> Delta:
         """The canvas of a pass as text (cut at the first EOS, as a commit would be)."""
         canvas = event.canvas
-        cut = next((i for i, t in enumerate(canvas) if t in self.eos_ids), len(canvas))
-        text = self.tokenizer.decode(canvas[:cut], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        length = len(canvas)
+        if self.fill is not None:  # the part of the hole in this block
+            offset = event.block * len(canvas)
+            canvas = canvas[max(self.fill[0] - offset, 0) : max(self.fill[1] - offset, 0)]
+        text = self._decode(canvas)
         return Delta(
             draft={
                 "block": event.block,
@@ -104,7 +113,7 @@ class Reply:
                 "max_steps": event.max_steps,
                 "text": text,
                 "accepted": event.accepted_count,
-                "canvas_length": len(canvas),
+                "canvas_length": length,
                 "mean_entropy": round(event.mean_entropy, 6),
                 "temperature": round(event.temperature, 6),
                 "stopped": event.stopped,
@@ -112,9 +121,13 @@ class Reply:
         )
 
     def commit(self, event: CommitEvent) -> Delta:
-        self.completion_tokens += len(event.tokens)
+        if self.done:  # a stop string ended the reply; the worker has not stopped yet
+            return Delta()
         self.passes += event.steps
         self.blocks += 1
+        if self.fill is not None:
+            return Delta()  # the fill is known at the end
+        self.completion_tokens += len(event.tokens)
         if self.splitter is not None:
             segments = [(s.kind, s.text) for s in self.splitter.feed(event.tokens)]
             if event.finished:
@@ -136,11 +149,24 @@ class Reply:
     def end(self, event: EndEvent) -> Delta:
         """The last delta: anything still held back, and the finish reason."""
         delta = Delta()
+        if self.fill is not None:
+            hole = event.tokens[self.fill[0] : self.fill[1]]
+            self.completion_tokens = next((i for i, t in enumerate(hole) if t in self.eos_ids), len(hole))
+            fills = getattr(event, "fills", None) or [self._decode(hole)]
+            self._add(delta, "content", self.filter.feed(fills[0], final=True))
+            # The model ends a fill early with EOS ("stop"); a hole filled to its end is "length".
+            full = self.completion_tokens == len(hole) and not self.filter.stopped
+            self.finish_reason = "length" if full else "stop"
         if not self.done:
             self._add(delta, "content", self.filter.feed("", final=True))
             self.finish_reason = FINISH_REASONS.get(event.finish_reason, "stop")
         delta.finish_reason = self.finish_reason
         return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        """``ids`` up to the first EOS, as text."""
+        cut = next((i for i, t in enumerate(ids) if t in self.eos_ids), len(ids))
+        return self.tokenizer.decode(ids[:cut], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _add(self, delta: Delta, name: str, text: str) -> None:
         if not text:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -35,6 +35,7 @@ from ..image_processing import ProcessedImage
 from ..multimodal import PromptImage, encode_image, features_of, image_key, image_runs, resume_point
 
 DEFAULT_CACHE_BYTES = 4 << 30
+SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class Job:
         drafts: deliver a :class:`PassEvent` per pass.
         images: the :class:`~dgemma_mlx.image_processing.ProcessedImage` s of the prompt's image
             tokens, in order.
+        events: ``events(model, tokenizer)`` -> the events of a generation that runs in a cache of
+            its own (infilling), instead of :func:`stream_generate` continuing the shared cache
+            (``split`` is then unused).
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class Job:
         *,
         drafts: bool = False,
         images: Sequence[ProcessedImage] = (),
+        events: Optional[Callable[[Any, Any], Iterator[Event]]] = None,
     ):
         if not 0 <= split < len(ids):
             raise ValueError(f"split {split} outside a prompt of {len(ids)} tokens")
@@ -97,6 +102,7 @@ class Job:
         self.drafts = drafts
         self.images = list(images)
         self.image_keys = [image_key(im) for im in self.images]
+        self.events = events
         self._cancelled = threading.Event()
         self._completed = False
 
@@ -142,27 +148,30 @@ class GenerationWorker:
         self._thread.start()
         return self
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Cancel the running and waiting jobs and stop the thread."""
+    def shutdown(self) -> None:
+        """Refuse new jobs and cancel the running and waiting ones, without waiting (safe in a
+        signal handler): their consumers get ``Finished("cancelled", SHUTTING_DOWN)``."""
         self._closed = True
-        while True:
-            try:
+        job = self.running
+        if job is not None:
+            job.cancel()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """:meth:`shutdown`, then wait for the thread to finish the cancelled jobs and stop."""
+        self.shutdown()
+        if not self._thread.is_alive():
+            while not self._queue.empty():
                 job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel()
-                self._finish(job, Finished("cancelled"))
-        if self.running is not None:
-            self.running.cancel()
+                if job is not None:
+                    self._finish(job, Finished("cancelled"))
+            return
         self._queue.put(None)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; raises :class:`QueueFull` when the queue is full."""
         if self._closed:
-            raise QueueFull("the server is shutting down")
+            raise QueueFull(SHUTTING_DOWN)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -183,7 +192,7 @@ class GenerationWorker:
             job = self._queue.get()
             if job is None:
                 return
-            if job.cancelled:
+            if job.cancelled or self._closed:
                 self._finish(job, Finished("cancelled"))
                 continue
             self.running = job
@@ -196,12 +205,15 @@ class GenerationWorker:
         key = {"done": "completed", "cancelled": "cancelled", "error": "failed"}[finished.status]
         if finished.status == "cancelled" and job._completed:
             key = "completed"
+        elif finished.status == "cancelled" and self._closed:
+            finished = Finished("cancelled", SHUTTING_DOWN)
         self.counts[key] += 1
         _deliver(job, finished)
 
     def _generate(self, job: Job) -> Finished:
+        own_cache = job.events is None
         try:
-            prompt, cached, images = self._prepare(job)
+            prompt, cached, images = self._prepare(job) if own_cache else (job.ids, 0, [])
         except Exception as e:  # noqa: BLE001 - reported to the client, the worker keeps serving
             self._new_cache()
             return _failed(e)
@@ -209,16 +221,19 @@ class GenerationWorker:
             job.cancel()
         if job.cancelled:
             return Finished("cancelled")
-        events = stream_generate(
-            self.model, self.tokenizer, prompt, cache=self.cache, settings=job.settings, images=images
-        )
-        ended, prompt_in = False, False
+        if own_cache:
+            events = stream_generate(
+                self.model, self.tokenizer, prompt, cache=self.cache, settings=job.settings, images=images
+            )
+        else:
+            events = job.events(self.model, self.tokenizer)
+        ended, prompt_in = False, not own_cache
         try:
             for event in events:
                 if not prompt_in:  # stream_generate encoded the prompt before its first event
                     self._ids += prompt
                     prompt_in = True
-                if isinstance(event, CommitEvent) and event.encoded:
+                if own_cache and isinstance(event, CommitEvent) and event.encoded:
                     self._ids += event.tokens
                 if (job.drafts or not isinstance(event, PassEvent)) and not _deliver(job, event):
                     job.cancel()
@@ -227,10 +242,11 @@ class GenerationWorker:
                     break
         except Exception as e:  # noqa: BLE001
             events.close()
-            self._new_cache()
+            if own_cache:
+                self._new_cache()
             return _failed(e)
         events.close()
-        if not ended:
+        if own_cache and not ended:
             self._restore()
         if self.cache.nbytes > self.cache_bytes:
             self._new_cache()
