@@ -70,16 +70,22 @@ class Attention(nn.Module):
         B, _, L, _ = o.shape
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def encode(self, x: mx.array, cache, offset: int) -> mx.array:
+    def encode(self, x: mx.array, cache, offset: int, groups: Optional[mx.array] = None) -> mx.array:
         """Causal attention of ``x`` over the cached prefix and itself; appends to ``cache``.
 
-        Sliding layers let the query at position p see keys in (p - window, p]."""
+        Sliding layers let the query at position p see keys in (p - window, p]. ``groups`` (int
+        [L], -1 for text) makes tokens of the same group (one image's tokens, all in ``x``) see
+        each other both ways, window or not."""
         L = x.shape[1]
         q, k, v = self._qkv(x, offset)
         kept = cache.kept if isinstance(cache, SlidingWindowCache) else offset
         keys, values = cache.append(k, v)  # views of the stored prefix, then the new tokens
         window = self.window if self.is_sliding else None
-        parts = [(k, v, causal_mask(L, 0, window))]
+        mask = causal_mask(L, 0, window)
+        if groups is not None:
+            same = (groups[:, None] == groups[None]) & (groups[:, None] >= 0)
+            mask = mx.where(same, 0.0, mask)
+        parts = [(k, v, mask)]
         if kept:
             prefix_mask = causal_mask(L, kept, window, prefix_only=True) if window else None
             parts.insert(0, (keys[..., :kept, :], values[..., :kept, :], prefix_mask))

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -115,6 +115,10 @@ Events = _option(
     None, "--events", metavar="PATH", help="Write every pass and commit as JSON Lines to PATH ('-': stdout)."
 )
 Quiet = typer.Option(False, "--quiet", metavar="", help="No live view and no stats: just the result.")
+Image = _option(None, "--image", metavar="PATH", help="An image (PNG, JPEG, WebP) placed before the prompt; repeatable.")
+ImageTokens = typer.Option(
+    280, "--image-tokens", metavar="N", help="Visual tokens per image: 70, 140, 280, 560 or 1120."
+)
 
 # (name, annotation, option) of every shared sampling option, in help order.
 _SAMPLING: list[tuple[str, Any, Any]] = [
@@ -253,6 +257,27 @@ def checked_system_prompt(system_prompt: Optional[str], alias: Optional[str], sa
     return system_prompt
 
 
+def read_image_files(paths: list[str], image_tokens: int) -> list:
+    """Check the budget and read every image before the (slow) model load."""
+    from .image_processing import check_budget, load_image
+
+    check_budget(image_tokens)
+    return [(p, load_image(p)) for p in paths]
+
+
+def encode_images(model, pictures: list, image_tokens: int, quiet: bool = False) -> list:
+    """Run the vision tower once per image (with a spinner on a terminal)."""
+    from .multimodal import read_images, require_vision
+
+    if not pictures:
+        return []
+    require_vision(model)
+    status = err.status(f"Encoding {len(pictures)} image(s) …") if err.is_terminal and not quiet else nullcontext()
+    with status:
+        images = read_images(model, [im for _, im in pictures], image_tokens)
+    return [replace(im, source=p) for im, (p, _) in zip(images, pictures)]
+
+
 @contextmanager
 def open_events(target: Optional[str]):
     """A JSON Lines sink for events: a file, stdout for ``-``, or None."""
@@ -285,6 +310,8 @@ def generate(
     system: Optional[str] = SystemAlias,
     no_chat_template: bool = typer.Option(False, "--no-chat-template", hidden=True),
     prompt_option: Optional[str] = _option(None, "--prompt", "-p", hidden=True),
+    image: Optional[list[str]] = Image,
+    image_tokens: int = ImageTokens,
     *,
     sampling: SamplingArgs,
 ):
@@ -297,18 +324,22 @@ def generate(
     system_prompt = checked_system_prompt(system_prompt, system, sampling)
 
     from .events import EndEvent, event_to_json
-    from .generate import build_prompt, stream_generate
+    from .generate import stream_generate
+    from .multimodal import build_image_prompt
     from .render import format_stats, make_view
 
+    pictures = read_image_files(image or [], image_tokens)
     mdl, tok = sampling.load(sampling.quiet)
-    ids = build_prompt(
-        tok, text, system=system_prompt, think=think, chat_template=not (ignore_chat_template or no_chat_template)
+    images = encode_images(mdl, pictures, image_tokens, sampling.quiet)
+    ids = build_image_prompt(
+        mdl, tok, text, images, system=system_prompt, think=think,
+        chat_template=not (ignore_chat_template or no_chat_template),
     )
     out = Console(highlight=False)
     view = None if sampling.events == "-" else make_view(tok, out, plain=sampling.quiet or not out.is_terminal)
     end = None
     with open_events(sampling.events) as sink, (view or nullcontext()):
-        for event in stream_generate(mdl, tok, ids, **overrides):
+        for event in stream_generate(mdl, tok, ids, images=images, **overrides):
             if sink is not None:
                 sink.write(json.dumps(event_to_json(event)) + "\n")
                 sink.flush()
@@ -331,6 +362,11 @@ def chat(
         False, "--no-history", metavar="", help="Keep no input history on disk (also: DGEMMA_HISTORY='')."
     ),
     system: Optional[str] = SystemAlias,
+    image: Optional[list[str]] = _option(
+        None, "--image", metavar="PATH",
+        help="An image attached to the first message; repeatable (/image PATH in the chat).",
+    ),
+    image_tokens: int = ImageTokens,
     *,
     sampling: SamplingArgs,
 ):
@@ -341,11 +377,15 @@ def chat(
     from .chat import ChatSession, run_repl
     from .generate import default_settings
 
+    pictures = read_image_files(image or [], image_tokens)
     mdl, tok = sampling.load()
     session = ChatSession(
         mdl, tok, system=system_prompt, think=think, settings=default_settings(mdl).update(**overrides), verbose=verbose
     )
-    run_repl(session, Console(highlight=False), **({"history_file": None} if no_history else {}))
+    run_repl(
+        session, Console(highlight=False), images=[p for p, _ in pictures], image_tokens=image_tokens,
+        **({"history_file": None} if no_history else {}),
+    )
 
 
 @app.command()
@@ -362,6 +402,9 @@ def convert(
         None, "--dtype", metavar="DTYPE", help="float16, bfloat16 or float32 (default: the source dtype)."
     ),
     force: bool = typer.Option(False, "--force", metavar="", help="Replace an existing --mlx-path."),
+    text_only: bool = typer.Option(
+        False, "--text-only", metavar="", help="Drop the vision tower (the output cannot read images)."
+    ),
 ):
     """Convert a Hugging Face DiffusionGemma checkpoint to MLX (optionally quantized)."""
     check_utf8(hf_path, "--hf-path")
@@ -385,7 +428,7 @@ def convert(
     with progress:
         out = run_convert(
             hf_path, mlx_path, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
-            dtype=dtype, force=force, progress=report,
+            dtype=dtype, force=force, progress=report, text_only=text_only,
         )
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     err.print(f"Wrote {out} ({size / 2**30:.2f} GiB)")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .errors import DGemmaError
+from .vision import VisionArgs
 
 MODEL_TYPE = "diffusion_gemma"
 SLIDING = "sliding_attention"
@@ -59,6 +60,10 @@ class ModelArgs:
     pad_token_id: int = 0
     eos_token_ids: list[int] = field(default_factory=lambda: [1])
     quantization: Optional[dict[str, Any]] = None
+    vision: Optional[VisionArgs] = None  # None: a text-only checkpoint
+    image_token_id: int = 258_880
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 258_882
 
     @property
     def embed_scale(self) -> float:
@@ -155,6 +160,8 @@ class ModelArgs:
             pad_token_id=int(text.get("pad_token_id", 0) or 0),
             eos_token_ids=eos_ids or [1],
             quantization=config.get("quantization") or config.get("quantization_config"),
+            vision=VisionArgs.from_config(config["vision_config"]) if config.get("vision_config") else None,
+            **{k: int(config[k]) for k in ("image_token_id", "boi_token_id", "eoi_token_id") if config.get(k) is not None},
         )
         args.validate()
         return args

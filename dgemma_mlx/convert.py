@@ -2,8 +2,8 @@
 
 The output directory holds ``config.json`` (with a ``quantization`` block when quantized), sharded
 ``model-*.safetensors`` with ``model.safetensors.index.json``, the tokenizer files,
-``chat_template.jinja`` and ``generation_config.json``. Vision weights are dropped and the tied
-embedding is stored once.
+``chat_template.jinja`` and ``generation_config.json``. The vision tower is kept (float, or 8-bit
+linears when quantizing) unless ``text_only``; the tied embedding is stored once.
 
 Weights are read lazily and written shard by shard, so peak memory stays near one shard. The
 output is assembled in a temporary directory next to ``mlx_path`` and moved into place only when
@@ -28,6 +28,7 @@ from .files import atomic_dir
 from .loading import (
     DTYPES,
     apply_weights,
+    build_model,
     load_config,
     load_generation_config,
     load_safetensors,
@@ -65,8 +66,9 @@ def _validate(q_bits: int, q_group_size: int, dtype: Optional[str]) -> None:
         raise DGemmaError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype})")
 
 
-def _output_config(source: dict, dtype: Optional[str], quantization: Optional[dict]) -> dict:
-    config = {k: v for k, v in source.items() if k not in ("vision_config", "quantization", "quantization_config")}
+def _output_config(source: dict, dtype: Optional[str], quantization: Optional[dict], vision: bool) -> dict:
+    dropped = ("quantization", "quantization_config") + (() if vision else ("vision_config",))
+    config = {k: v for k, v in source.items() if k not in dropped}
     if dtype:
         config["dtype"] = dtype
         config.pop("torch_dtype", None)
@@ -101,13 +103,15 @@ def convert(
     force: bool = False,
     shard_gb: int = SHARD_GB,
     progress: Optional[Progress] = None,
+    text_only: bool = False,
 ) -> Path:
     """Convert ``hf_path`` (local directory or repo id) into ``mlx_path``; return ``mlx_path``.
 
     ``quantize`` applies the default recipe: experts at ``q_bits``; embeddings, attention, dense
     MLPs, self-conditioning and router at 8 bits (affine, ``q_group_size``). ``dtype`` casts the
     float weights (None keeps the source dtype). ``progress(stage, done, total)`` is called as the
-    work advances. ``shard_gb`` caps a weight file's size (0: one tensor per file).
+    work advances. ``shard_gb`` caps a weight file's size (0: one tensor per file). ``text_only``
+    drops the vision tower.
     """
     _validate(q_bits, q_group_size, dtype)
     out = Path(mlx_path).expanduser()
@@ -119,8 +123,7 @@ def convert(
     src = resolve_model_path(hf_path)
     source_config = load_config(src)
     args = ModelArgs.from_config(source_config)
-    model = Model(args)
-    weights = model.sanitize(load_safetensors(weight_files(src)))
+    model, weights = build_model(args, load_safetensors(weight_files(src)), text_only)
     already_quantized = any(k.endswith(".scales") for k in weights)
     if already_quantized and quantize:
         raise DGemmaError(f"'{hf_path}' is already quantized; convert from the original checkpoint")
@@ -144,7 +147,7 @@ def convert(
 
     with atomic_dir(out) as tmp:
         _write_weights(model, tmp, shard_gb, progress)
-        config = _output_config(source_config, dtype, quantization)
+        config = _output_config(source_config, dtype, quantization, args.vision is not None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         generation = load_generation_config(src) or dict(REFERENCE_GENERATION_CONFIG)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))

@@ -76,6 +76,7 @@ def stream_generate(
     *,
     cache: Optional[PrefixCache] = None,
     settings: Optional[GenerationSettings] = None,
+    images: Optional[Sequence[Any]] = None,
     warm_start: Optional[Sequence[Optional[int]]] = None,
     pinned: Optional[Sequence[Optional[int]]] = None,
     stop_at_eos: bool = True,
@@ -92,6 +93,8 @@ def stream_generate(
             not yet in it. Committed blocks except the last are encoded into it.
         settings / overrides: :class:`GenerationSettings` (defaults: the checkpoint's), and
             keyword overrides such as ``steps=16`` or ``seed=0``.
+        images: :class:`~dgemma_mlx.multimodal.PromptImage` s for the image tokens of ``prompt``,
+            in order (see :func:`~dgemma_mlx.multimodal.build_image_prompt`).
         warm_start: tokens for the generated positions (index ``i`` = block ``i // C``, slot
             ``i % C``), None or -1 where free: a block's first canvas holds them instead of noise
             (the reference's ``decoder_input_ids``), and passes may change them.
@@ -112,6 +115,12 @@ def stream_generate(
     C, V = args.canvas_length, args.vocab_size
     cache = cache if cache is not None else model.make_cache()
     context = args.max_position_embeddings
+    features = None
+    if images:
+        from .multimodal import check_image_context
+
+        check_image_context(args, cache.offset, len(ids), sum(im.num_tokens for im in images))
+        features = mx.concatenate([im.features for im in images])
     if cache.offset + len(ids) + C > context:
         raise DGemmaError(
             f"the prompt ({cache.offset + len(ids)} tokens) leaves no room for a {C}-token block in "
@@ -131,7 +140,7 @@ def stream_generate(
     mx.reset_peak_memory()
 
     start = time.perf_counter()
-    model.encode(mx.array(ids, dtype=mx.int32)[None], cache)
+    model.encode(mx.array(ids, dtype=mx.int32)[None], cache, image_features=features)
     prompt_seconds = time.perf_counter() - start
     gen_start = time.perf_counter()
     out: list[int] = []

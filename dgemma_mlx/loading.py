@@ -3,7 +3,8 @@
 Accepted checkpoints:
 
 * the original transformers checkpoint (sharded safetensors, text stack under ``model.decoder.*``,
-  the encoder's layer scalars under ``model.encoder.language_model.*``, vision tower ignored);
+  the encoder's layer scalars under ``model.encoder.language_model.*``, the vision tower under
+  ``model.encoder.vision_tower.*`` / ``model.encoder.embed_vision.*``);
 * this project's converted output (``dgemma convert``), float or quantized;
 * the mlx-community / mlx-vlm conversions (their weight names and ``quantization`` block).
 """
@@ -192,8 +193,23 @@ def apply_weights(model: Model, weights: dict[str, mx.array], dtype: Optional[mx
     model.load_weights(list(weights.items()), strict=True)
 
 
+def build_model(args: ModelArgs, raw: dict[str, mx.array], text_only: bool = False) -> tuple[Model, dict[str, mx.array]]:
+    """The model for ``args`` and its sanitized weights. The vision tower is built when the config
+    describes one and the checkpoint holds its weights (checkpoints converted with ``--text-only``
+    or older conversions have none) and ``text_only`` is False."""
+    from .vision import sanitize_vision_key
+
+    if args.vision is not None and (text_only or not any(sanitize_vision_key(k) for k in raw)):
+        args.vision = None
+    model = Model(args)
+    return model, model.sanitize(raw)
+
+
 def load_model(
-    path_or_repo: Union[str, Path], dtype: Optional[Union[str, mx.Dtype]] = None, lazy: bool = False
+    path_or_repo: Union[str, Path],
+    dtype: Optional[Union[str, mx.Dtype]] = None,
+    lazy: bool = False,
+    text_only: bool = False,
 ) -> tuple[Model, Path]:
     """The model only (no tokenizer). See :func:`load`."""
     if isinstance(dtype, str):
@@ -202,8 +218,7 @@ def load_model(
         dtype = DTYPES[dtype]
     model_path = resolve_model_path(path_or_repo)
     args = ModelArgs.from_config(load_config(model_path))
-    model = Model(args)
-    weights = model.sanitize(load_safetensors(weight_files(model_path)))
+    model, weights = build_model(args, load_safetensors(weight_files(model_path)), text_only)
     untie_for_weights(model, weights)
     quantize_like(model, weights)
     apply_weights(model, weights, dtype)
@@ -235,15 +250,18 @@ def load(
     path_or_repo: Union[str, Path],
     dtype: Optional[Union[str, mx.Dtype]] = None,
     adapter_path: Optional[Union[str, Path]] = None,
+    *,
+    text_only: bool = False,
 ):
     """Load ``(model, tokenizer)`` from a local directory or a Hugging Face repo id.
 
     ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"`` or an ``mx.Dtype``) casts the float
     weights; None keeps the checkpoint's dtype. ``adapter_path``: LoRA adapters (``dgemma train``)
-    to apply. The model carries ``model.path`` and ``model.generation_config`` (the checkpoint's
+    to apply. The vision tower is loaded when the checkpoint has one, unless ``text_only``. The
+    model carries ``model.path`` and ``model.generation_config`` (the checkpoint's
     ``generation_config.json``, nulls dropped).
     """
-    model, model_path = load_model(path_or_repo, dtype)
+    model, model_path = load_model(path_or_repo, dtype, text_only=text_only)
     if adapter_path is not None:
         load_adapters(model, Path(adapter_path))
         model.eval()

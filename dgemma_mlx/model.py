@@ -30,6 +30,7 @@ from .config import FULL, ModelArgs
 from .experts import Experts
 from .attention import Attention
 from .ops import gelu_mul, rms_norm_noscale, rows_in_parallel, softmax
+from .vision import MultimodalEmbedder, VisionTower, sanitize_vision_key
 
 
 class MLP(nn.Module):
@@ -88,9 +89,10 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))  # decoder (denoise) scalar
         self.encoder_layer_scalar = mx.ones((1,))  # encoder (encode) scalar
 
-    def __call__(self, x: mx.array, cache, offset: int, encode: bool) -> mx.array:
-        attn = self.self_attn.encode if encode else self.self_attn.denoise
-        h = attn(self.input_layernorm(x), cache, offset)
+    def __call__(self, x: mx.array, cache, offset: int, encode: bool, groups: Optional[mx.array] = None) -> mx.array:
+        """``groups``: see :meth:`Attention.encode` (encode passes only)."""
+        y = self.input_layernorm(x)
+        h = self.self_attn.encode(y, cache, offset, groups) if encode else self.self_attn.denoise(y, cache, offset)
         r = x + self.post_attention_layernorm(h)
 
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
@@ -151,6 +153,9 @@ class Model(nn.Module):
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.self_conditioning = SelfConditioning(args)
+        if args.vision is not None:
+            self.vision_tower = VisionTower(args.vision)
+            self.embed_vision = MultimodalEmbedder(args.vision.hidden_size, args.hidden_size, args.vision.rms_norm_eps)
         self.encode_chunk_size = 512
 
     # ----------------------------------------------------------------------------------- cache
@@ -197,31 +202,57 @@ class Model(nn.Module):
         return out
 
     # ---------------------------------------------------------------------------------- passes
-    def encode(self, ids: mx.array, cache: PrefixCache, chunk_size: Optional[int] = None) -> None:
+    def encode(
+        self,
+        ids: mx.array,
+        cache: PrefixCache,
+        chunk_size: Optional[int] = None,
+        *,
+        image_features: Optional[mx.array] = None,
+    ) -> None:
         """Causal pass over ``ids`` (int [B, L]) that appends their keys/values to ``cache``.
 
         Long inputs are processed in chunks of ``chunk_size`` tokens (default
         ``self.encode_chunk_size``); the result is the same as one pass.
+
+        ``image_features`` ([N, H], from :func:`dgemma_mlx.multimodal.image_features`) replace the
+        embeddings of the N image tokens (``args.image_token_id``) of ``ids`` (batch 1), in order;
+        each run of image tokens (one image) attends to itself bidirectionally, and a chunk never
+        splits a run.
         """
         if ids.ndim == 1:
             ids = ids[None]
         step = chunk_size or self.encode_chunk_size
+        if image_features is not None:
+            from .multimodal import encode_chunks
+
+            for chunk, images in encode_chunks(self, ids, image_features, step):
+                self.encoder_pass(chunk, cache.layers, cache.offset, images)
+                cache.advance(chunk.shape[1])
+                mx.eval(cache.arrays())
+            return
         for start in range(0, ids.shape[1], step):
             chunk = ids[:, start : start + step]
             self.encoder_pass(chunk, cache.layers, cache.offset)
             cache.advance(chunk.shape[1])
             mx.eval(cache.arrays())
 
-    def encoder_pass(self, ids: mx.array, layer_caches: list, offset: int) -> mx.array:
+    def encoder_pass(self, ids: mx.array, layer_caches: list, offset: int, images=None) -> mx.array:
         """One causal pass of ``ids`` (int [B, L]) at positions ``offset...``, appending to each of
         ``layer_caches``; returns the last hidden states [B, L, H] (before the final norm).
 
         :meth:`encode` drives it over a :class:`PrefixCache`; training gives it recording caches
-        so the encoder's keys/values and hidden states stay in the autodiff graph."""
+        so the encoder's keys/values and hidden states stay in the autodiff graph. ``images``
+        (:class:`~dgemma_mlx.multimodal.ChunkImages`) puts image features at their tokens and makes
+        each image's tokens attend to each other both ways."""
         with encoding_pass():
             h = self._embed(ids)
+            groups = None
+            if images is not None:
+                h[0, images.positions] = images.features.astype(h.dtype)
+                groups = images.groups
             for layer, c in zip(self.layers, layer_caches):
-                h = layer(h, c, offset, encode=True)
+                h = layer(h, c, offset, encode=True, groups=groups)
         return h
 
     def denoise(
@@ -263,12 +294,18 @@ class Model(nn.Module):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map checkpoint names (transformers, mlx-vlm, or ours) onto this module tree.
 
-        Vision weights and the tied ``lm_head`` are dropped; the encoder's own layer scalars
-        become ``layers.N.encoder_layer_scalar``; fused expert tensors get a ``.weight`` suffix.
+        Vision weights become ``vision_tower.*`` / ``embed_vision.*`` (dropped for a text-only
+        model); the tied ``lm_head`` is dropped; the encoder's own layer scalars become
+        ``layers.N.encoder_layer_scalar``; fused expert tensors get a ``.weight`` suffix.
         """
         out = {}
         for key, value in weights.items():
-            if "vision_tower" in key or "embed_vision" in key or "rotary_emb" in key:
+            if "rotary_emb" in key:
+                continue
+            vision_key = sanitize_vision_key(key)
+            if vision_key is not None:
+                if self.args.vision is not None:
+                    out[vision_key] = value
                 continue
             if key.endswith("lm_head.weight") or key.startswith("lm_head."):
                 continue

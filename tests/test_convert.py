@@ -60,10 +60,10 @@ def test_output_has_config_shards_index_tokenizer_template_and_generation_config
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     shards = {p.name for p in out.glob("model-*.safetensors")}
     assert len(shards) > 1 and set(index.values()) == shards
-    assert not any("vision" in k or "lm_head" in k for k in index)
+    assert not any("lm_head" in k for k in index)
     assert sum(k.startswith("embed_tokens.") for k in index) == 1  # tied embedding stored once
     config = json.loads((out / "config.json").read_text())
-    assert "vision_config" not in config and config["model_type"] == "diffusion_gemma"
+    assert config["model_type"] == "diffusion_gemma"
     assert json.loads((out / "generation_config.json").read_text())["max_denoising_steps"] == 48
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left
 
@@ -180,3 +180,42 @@ def test_conversion_peak_memory_stays_near_one_shard(tmp_path):
     peak = int(result.stdout.split()[-1])
     print(f"checkpoint {total / 2**20:.0f} MiB, conversion peak {peak / 2**20:.0f} MiB")
     assert peak < 0.35 * total
+
+
+def vision_probe(model):
+    from PIL import Image
+
+    from dgemma_mlx.image_processing import process_image
+    from dgemma_mlx.multimodal import image_features
+
+    pixels = np.random.default_rng(0).integers(0, 256, (90, 140, 3), dtype=np.uint8)
+    return np.array(image_features(model, process_image(Image.fromarray(pixels), 70)))
+
+
+def test_float_conversion_keeps_the_vision_tower(tmp_path, checkpoint, model):
+    out = convert(checkpoint, tmp_path / "mlx", dtype="float32", shard_gb=0)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(k.startswith("vision_tower.") for k in index) and any(k.startswith("embed_vision.") for k in index)
+    assert "vision_config" in json.loads((out / "config.json").read_text())
+    converted, _ = load(out)
+    assert np.array_equal(vision_probe(converted), vision_probe(model))
+
+
+def test_quantized_conversion_keeps_vision_linears_at_8_bits(tmp_path, checkpoint, model):
+    out = convert(checkpoint, tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32)
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["vision_tower.encoder.layers.0.self_attn.q_proj.linear"]["bits"] == 8
+    assert q["embed_vision.embedding_projection"]["bits"] == 8
+    quantized, _ = load(out)
+    a, b = vision_probe(model), vision_probe(quantized)
+    assert cosine(a, b).min() > 0.99
+
+
+def test_text_only_conversion_drops_the_vision_tower_and_keeps_the_text_model(tmp_path, checkpoint, model):
+    out = convert(checkpoint, tmp_path / "text", dtype="float32", text_only=True)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any("vision" in k for k in index)
+    assert "vision_config" not in json.loads((out / "config.json").read_text())
+    text_only, _ = load(out)
+    assert getattr(text_only, "vision_tower", None) is None
+    assert np.array_equal(probe_logits(text_only), probe_logits(model))

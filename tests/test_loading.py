@@ -164,18 +164,19 @@ def test_missing_tokenizer_is_reported(broken):
 def to_mlx_vlm_layout(model, source: Path, dst: Path) -> Path:
     """Write ``model`` (possibly quantized) the way mlx-vlm's converter lays a DiffusionGemma out
     (checked against mlx-vlm 0.7.10): everything under ``model.decoder.*``, the encoder's layer
-    scalars under ``model.encoder.language_model.*``, the (unquantized) vision tower kept, and a
-    ``quantization`` block keyed by those names."""
+    scalars under ``model.encoder.language_model.*``, the vision tower under
+    ``model.encoder.vision_tower.*`` / ``model.encoder.embed_vision.*``, and a ``quantization``
+    block keyed by those names."""
     from mlx.utils import tree_flatten
 
     def vlm_name(key: str) -> str:
+        if key.startswith(("vision_tower", "embed_vision")):
+            return "model.encoder." + key
         if ".encoder_layer_scalar" in key:
             return "model.encoder.language_model." + key.replace("encoder_layer_scalar", "layer_scalar")
         return "model.decoder." + key
 
     weights = {vlm_name(k): v for k, v in tree_flatten(model.parameters())}
-    weights["model.encoder.vision_tower.encoder.layers.0.input_layernorm.weight"] = mx.ones((32,))
-    weights["model.encoder.embed_vision.embedding_projection.weight"] = mx.zeros((64, 32))
     dst.mkdir(parents=True)
     mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})
     config = json.loads((source / "config.json").read_text())
@@ -186,7 +187,6 @@ def to_mlx_vlm_layout(model, source: Path, dst: Path) -> Path:
     if quantization:
         quantization.update(group_size=32, bits=4, mode="affine")
         config["quantization"] = config["quantization_config"] = quantization
-    config["vision_config"] = {"model_type": "gemma4_vision", "hidden_size": 32}
     (dst / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         shutil.copy2(source / name, dst / name)

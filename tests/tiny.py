@@ -21,6 +21,9 @@ SPECIAL_TOKENS = {
     2: "<bos>",
     3: "<unk>",
     50: "<|tool_response>",
+    60: "<|image>",
+    61: "<|image|>",
+    62: "<image|>",
     98: "<|think|>",
     100: "<|channel>",
     101: "<channel|>",
@@ -29,10 +32,12 @@ SPECIAL_TOKENS = {
 }
 VOCAB_SIZE = 512
 EOS_IDS = [1, 106, 50]
+BOI_ID, IMAGE_ID, EOI_ID = 60, 61, 62
 
 # A Gemma-4-style chat template (written for these tests): bos, an optional system turn that
 # carries <|think|> when thinking is on, turns wrapped in <|turn>role ... <turn|>, earlier model
-# thoughts stripped, and an empty thought channel pre-filled when thinking is off.
+# thoughts stripped, an empty thought channel pre-filled when thinking is off, and (as Gemma 4's)
+# list contents whose image items become "\n\n<|image|>\n\n".
 CHAT_TEMPLATE = (
     "{%- macro strip_thoughts(text) -%}"
     "{%- set ns = namespace(out='') -%}"
@@ -57,7 +62,11 @@ CHAT_TEMPLATE = (
     "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
     "{{- '<|turn>' + role + '\\n' -}}"
     "{%- if role == 'model' -%}{{- strip_thoughts(message['content']) -}}"
-    "{%- else -%}{{- message['content'] | trim -}}{%- endif -%}"
+    "{%- elif message['content'] is string -%}{{- message['content'] | trim -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}{{- item['text'] | trim -}}"
+    "{%- elif item['type'] == 'image' -%}{{- '\\n\\n<|image|>\\n\\n' -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
     "{{- '<turn|>\\n' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
@@ -209,6 +218,9 @@ def make_reference_model(spec: TinySpec = TinySpec(), seed: int = 0):
         vision_config=dict(VISION_CONFIG),
         canvas_length=spec.canvas_length,
         eos_token_id=EOS_IDS,
+        boi_token_id=BOI_ID,
+        image_token_id=IMAGE_ID,
+        eoi_token_id=EOI_ID,
     )
     model = DiffusionGemmaForBlockDiffusion(config).eval().float()
     g = torch.Generator().manual_seed(seed + 1)

@@ -1,7 +1,7 @@
 """The interactive loop behind ``dgemma chat``.
 
 :class:`ChatRepl` reads lines and handles commands (``/help``, ``/reset``, ``/system``, ``/think``,
-``/params``, ``/save``, ``/load``, ``/stats``, ``/exit``) and messages over a
+``/params``, ``/save``, ``/load``, ``/stats``, ``/image``, ``/exit``) and messages over a
 :class:`~dgemma_mlx.chat.session.ChatSession`; its input is injectable so scripts and tests can
 drive it. :func:`run_repl` runs it.
 """
@@ -14,11 +14,13 @@ import sys
 from contextlib import closing
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from ..errors import DGemmaError
 from ..events import CommitEvent, EndEvent, Event
 from ..files import PathLike
+from ..image_processing import DEFAULT_IMAGE_TOKENS, check_budget
+from ..multimodal import PromptImage, read_images
 from ..render import make_view, plural
 from ..settings import GenerationSettings
 from .session import ChatSession
@@ -79,6 +81,7 @@ Type a message and press Enter. Commands:
   /save FILE             save the transcript as JSON
   /load FILE             load a transcript (replaces the conversation)
   /stats                 cache and speed statistics
+  /image PATH            attach an image to your next message (repeatable)
   /exit                  leave (Ctrl-D also leaves)
 Ctrl-C stops a reply and keeps the conversation. Start a message with // to send a literal '/'."""
 
@@ -112,6 +115,8 @@ class ChatRepl:
         show_thoughts: show thoughts (dim) or collapse them to one line (``/think show|hide``).
         view_factory: ``view_factory(tokenizer, console)`` -> a view (default
             :func:`~dgemma_mlx.render.make_view`).
+        images: image files attached to the first message; ``image_tokens``: their token budget
+            (and that of ``/image``).
     """
 
     prompt = "> "
@@ -125,6 +130,8 @@ class ChatRepl:
         history_file: Union[PathLike, None, bool] = True,
         show_thoughts: bool = True,
         view_factory: Optional[Callable] = None,
+        images: Sequence[PathLike] = (),
+        image_tokens: int = DEFAULT_IMAGE_TOKENS,
     ):
         from rich.console import Console
 
@@ -134,6 +141,8 @@ class ChatRepl:
         self.view_factory = view_factory or make_view
         self._input_fn = input_fn
         self._history_file = default_history_file() if history_file is True else history_file
+        self.image_tokens = check_budget(image_tokens)
+        self.pending: list[PromptImage] = read_images(session.model, list(images), image_tokens) if images else []
         if session.log is None:
             session.log = lambda text: self.console.print(text, style="dim", markup=False, highlight=False)
 
@@ -266,6 +275,12 @@ class ChatRepl:
             self.say(f"loaded {len(s.messages)} messages from {_unquote(arg)}", style="dim")
         elif name == "/stats":
             self.say(format_chat_stats(s.stats))
+        elif name == "/image":
+            if not arg:
+                raise DGemmaError("usage: /image PATH")
+            image = read_images(s.model, [_unquote(arg)], self.image_tokens)[0]
+            self.pending.append(image)
+            self.say(f"attached {image.source} ({image.num_tokens} image tokens) to your next message", style="dim")
         else:
             raise DGemmaError(f"unknown command '{name}' (/help lists the commands)")
         return None
@@ -291,10 +306,11 @@ class ChatRepl:
         """Generate and show the reply to ``text``."""
         s = self.session
         try:
-            events = s.send(text)
+            events = s.send(text, self.pending)
         except DGemmaError as e:
             self.error(e)
             return None
+        self.pending = []
         before = len(s.messages)
         view = self.view_factory(s.tokenizer, self.console)
         marked = []

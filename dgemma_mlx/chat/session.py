@@ -22,15 +22,26 @@ from __future__ import annotations
 
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.utils import common_prefix_len
 
 from ..errors import DGemmaError
 from ..events import CommitEvent, EndEvent, Event, GenerationStats
 from ..files import PathLike
 from ..generate import default_settings, render_chat, stream_generate
+from ..multimodal import (
+    PromptImage,
+    check_image_context,
+    expand_image_tokens,
+    features_of,
+    image_runs,
+    message_images,
+    resume_point,
+    template_messages,
+)
 from ..settings import RANDOM_SEED, GenerationSettings
 from .stats import ChatStats, TurnStats, TurnProgress
 from .transcript import Transcript, read_transcript, save_transcript
@@ -140,15 +151,19 @@ class ChatSession:
         )
 
     def conversation(self, messages: Optional[list[dict]] = None) -> list[dict[str, str]]:
-        """The messages handed to the chat template: the system turn (if any), then the turns."""
+        """The messages handed to the chat template: the system turn (if any), then the turns
+        (images before the text of their message)."""
         messages = self._messages if messages is None else messages
-        return ([{"role": "system", "content": self._system}] if self._system else []) + [dict(m) for m in messages]
+        return ([{"role": "system", "content": self._system}] if self._system else []) + template_messages(messages)
 
     def render(self, messages: Optional[list[dict]] = None, *, add_generation_prompt: bool = True) -> list[int]:
-        """The conversation (default: the current one) rendered by the chat template, as ids."""
-        return render_chat(
+        """The conversation (default: the current one) rendered by the chat template, as ids
+        (image tokens expanded)."""
+        ids = render_chat(
             self.tokenizer, self.conversation(messages), think=self._think, add_generation_prompt=add_generation_prompt
         )
+        images = message_images(self._messages if messages is None else messages)
+        return expand_image_tokens(ids, [im.num_tokens for im in images], self.model.args) if images else ids
 
     # -- settings --------------------------------------------------------------------------------
 
@@ -180,8 +195,11 @@ class ChatSession:
 
     # -- turns -----------------------------------------------------------------------------------
 
-    def send(self, text: str, *, warm_start=None, pinned=None) -> Iterator[Event]:
-        """Add a user turn and generate the reply; yields the events of
+    def send(
+        self, text: str, images: Sequence[PromptImage] = (), *, warm_start=None, pinned=None
+    ) -> Iterator[Event]:
+        """Add a user turn (with ``images`` before its text, from
+        :func:`~dgemma_mlx.multimodal.read_images`) and generate the reply; yields the events of
         :func:`~dgemma_mlx.generate.stream_generate`. The reply is recorded when the
         :class:`EndEvent` is produced. ``warm_start`` / ``pinned`` fix or seed reply positions as
         in :func:`~dgemma_mlx.generate.stream_generate`.
@@ -192,20 +210,23 @@ class ChatSession:
         self._check_idle()
         if not text or not text.strip():
             raise DGemmaError("the message is empty")
-        messages = self._messages + [{"role": "user", "content": text}]
+        user = {"role": "user", "content": text, **({"images": list(images)} if images else {})}
+        messages = self._messages + [user]
         target = self.render(messages, add_generation_prompt=True)
         base = self.render(messages, add_generation_prompt=False)
+        self._all_images = message_images(messages)
+        check_image_context(self.model.args, 0, len(target), sum(im.num_tokens for im in self._all_images))
         self._check_room(len(target))
         # The conversation without the generation prompt is what the next turn shares: encode it,
         # checkpoint, then let generation encode the generation prompt. When the template does not
         # render it as a prefix, split at the common prefix (at least one token must remain).
         split = min(common_prefix_len(base, target), len(target) - 1)
-        return self._turn(text, target, split, self._version, dict(warm_start=warm_start, pinned=pinned))
+        return self._turn(user, target, split, self._version, dict(warm_start=warm_start, pinned=pinned))
 
-    def reply(self, text: str, **positions) -> EndEvent:
+    def reply(self, text: str, images: Sequence[PromptImage] = (), **positions) -> EndEvent:
         """:meth:`send` run to the end; returns the final event."""
         end = None
-        with closing(self.send(text, **positions)) as events:
+        with closing(self.send(text, images, **positions)) as events:
             for event in events:
                 end = event
         return end
@@ -215,6 +236,7 @@ class ChatSession:
         ahead of the next turn, e.g. after :meth:`load`; returns the number of tokens encoded."""
         self._check_idle()
         ids = self.render(add_generation_prompt=False)
+        self._all_images = message_images(self._messages)
         self._check_room(len(ids))
         self._busy = True
         try:
@@ -251,7 +273,7 @@ class ChatSession:
         turn re-encodes from the first token where the loaded conversation differs from it.
         """
         self._check_idle()
-        t = read_transcript(path, default_settings(self.model))
+        t = read_transcript(path, default_settings(self.model), self.model)
         self._system, self._think, self._settings = t.system, t.think, t.settings
         self._messages = [dict(m) for m in t.messages]
         self._turns = []
@@ -266,6 +288,8 @@ class ChatSession:
         self.cache = self.model.make_cache()
         self._ids: list[int] = []
         self._safe = 0  # a length the cache can always be restored to (a checkpoint, or 0)
+        self._all_images: list[PromptImage] = []  # the images of the ids being synced
+        self._cached_images: list[PromptImage] = []  # the images whose tokens the cache holds
 
     def _check_idle(self) -> None:
         if self._busy:
@@ -286,9 +310,9 @@ class ChatSession:
         if self.log is not None:
             self.log(text)
 
-    def _encode(self, ids: list[int]) -> None:
+    def _encode(self, ids: list[int], features: Optional[mx.array] = None) -> None:
         if ids:
-            self.model.encode(mx.array(ids, dtype=mx.int32)[None], self.cache)
+            self.model.encode(mx.array(ids, dtype=mx.int32)[None], self.cache, image_features=features)
 
     def _restore(self) -> None:
         """Make the cache consistent after an interruption: an interrupted ``encode`` may have
@@ -296,13 +320,18 @@ class ChatSession:
         safe = min(self._safe, len(self._ids))
         n = self.cache.rewind(safe, force=True)
         del self._ids[n:]
+        held = image_runs(np.asarray(self._ids), self.model.args.image_token_id)
+        self._cached_images = self._cached_images[: len(held)]
         self._safe = n
 
     def _sync(self, ids: list[int]) -> tuple[int, int, Optional[int]]:
         """Make the cache hold exactly ``ids``, encoding only what it lacks, and checkpoint there.
         Returns ``(reused, encoded, rewound_from)``."""
         cached = len(self._ids)
-        lcp = common_prefix_len(self._ids, ids)
+        keys = [im.key for im in self._all_images]
+        lcp, _ = resume_point(
+            ids, keys, common_prefix_len(self._ids, ids), self.model.args, [im.key for im in self._cached_images]
+        )
         keep, rewound_from = lcp, None
         if lcp < cached:
             rewound_from = cached
@@ -321,24 +350,26 @@ class ChatSession:
                     f"the chat template rewrote earlier text: longest common prefix {lcp} of {cached} "
                     f"cached tokens; rewound the cache to {keep} tokens, re-encoding {len(ids) - keep}"
                 )
+        keep, first = resume_point(ids, keys, keep, self.model.args)
         new = ids[keep:]
         try:
-            self._encode(new)
+            self._encode(new, features_of(self._all_images[first:]))
         except BaseException:
             self._restore()
             raise
         self._ids = list(ids)
+        self._cached_images = list(self._all_images)
         self.cache.checkpoint()
         self._safe = len(ids)
         return keep, len(new), rewound_from
 
-    def _turn(self, text: str, target: list[int], split: int, version: int, positions: dict) -> Iterator[Event]:
+    def _turn(self, user: dict, target: list[int], split: int, version: int, positions: dict) -> Iterator[Event]:
         if version != self._version:
             raise DGemmaError("the conversation changed before this message was sent")
         self._check_idle()
         self._busy = True
         prompt = target[split:]
-        turn = TurnProgress(text=text, target=target, prompt_len=len(prompt))
+        turn = TurnProgress(user=user, target=target, prompt_len=len(prompt))
         done = False
         try:
             turn.reused, turn.encoded, turn.rewound = self._sync(target[:split])
@@ -371,7 +402,7 @@ class ChatSession:
             self._busy = False
 
     def _record(self, turn: TurnProgress, end: EndEvent) -> None:
-        self._messages += [{"role": "user", "content": turn.text}, {"role": "assistant", "content": end.text.strip()}]
+        self._messages += [turn.user, {"role": "assistant", "content": end.text.strip()}]
         self._turns.append(turn.stats(end.finish_reason, len(end.tokens), end.stats))
 
     def _cancel(self, turn: TurnProgress) -> EndEvent:
@@ -383,7 +414,7 @@ class ChatSession:
         )
         end = EndEvent(text=answer, tokens=list(turn.tokens), finish_reason="cancelled", stats=stats, thought=turn.thought)
         if answer:
-            self._messages += [{"role": "user", "content": turn.text}, {"role": "assistant", "content": answer}]
+            self._messages += [turn.user, {"role": "assistant", "content": answer}]
             self._notice("reply interrupted: the answer committed so far was kept")
         else:
             self._notice("reply interrupted before any answer text: the message was not added")

@@ -4,7 +4,7 @@ bookkeeping of a turn in progress."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from ..events import CommitEvent, GenerationStats
 from ..render import format_stats
@@ -70,7 +70,7 @@ class ChatStats:
 class TurnProgress:
     """What a turn has done so far: for its stats, and for the clean-up when it is interrupted."""
 
-    text: str
+    user: dict[str, Any]  # the user message: "role", "content" and, with images, "images"
     target: list[int]  # the conversation with the generation prompt, as rendered for this turn
     prompt_len: int  # tokens of it handed to stream_generate
     reused: int = 0

@@ -6,6 +6,9 @@ system prompt, whether thinking is on, the sampling settings and the model it wa
     {"format": "dgemma-chat", "version": 1, "model": "...", "system": null, "think": false,
      "settings": {"steps": 48, ...}, "messages": [{"role": "user", "content": "..."}, ...]}
 
+A user message with images records each image's file and budget
+(``"images": [{"path": "...", "image_tokens": 280}]``); loading reads and encodes them again.
+
 Files are written atomically and read with full validation: a bad file is one clear error and
 changes nothing.
 """
@@ -19,6 +22,7 @@ from typing import Any, Optional
 
 from ..errors import DGemmaError
 from ..files import PathLike, atomic_write_text
+from ..multimodal import images_from_json, images_to_json
 from ..settings import GenerationSettings
 
 TRANSCRIPT_FORMAT = "dgemma-chat"
@@ -44,7 +48,9 @@ class Transcript:
             "system": self.system,
             "think": self.think,
             "settings": self.settings.to_dict(),
-            "messages": [dict(m) for m in self.messages],
+            "messages": [
+                {**m, "images": images_to_json(m["images"])} if m.get("images") else dict(m) for m in self.messages
+            ],
         }
 
 
@@ -54,8 +60,9 @@ def save_transcript(transcript: Transcript, path: PathLike) -> Path:
     return atomic_write_text(path, data, what="save to")
 
 
-def read_transcript(path: PathLike, defaults: GenerationSettings) -> Transcript:
-    """Read and validate a transcript; settings it lacks come from ``defaults``."""
+def read_transcript(path: PathLike, defaults: GenerationSettings, model=None) -> Transcript:
+    """Read and validate a transcript; settings it lacks come from ``defaults``. Recorded images
+    are read and encoded again for ``model`` (None: a transcript with images is an error)."""
     path = Path(path).expanduser()
     try:
         raw = path.read_text(encoding="utf-8")
@@ -69,11 +76,12 @@ def read_transcript(path: PathLike, defaults: GenerationSettings) -> Transcript:
         raise DGemmaError(f"'{path}' is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
     except RecursionError:
         raise DGemmaError(f"'{path}' is not a dgemma chat transcript: nested too deeply")
-    return parse_transcript(data, defaults, path)
+    return parse_transcript(data, defaults, path, model)
 
 
-def parse_transcript(data: Any, defaults: GenerationSettings, path: PathLike = "transcript") -> Transcript:
-    """A :class:`Transcript` from decoded JSON, or a :class:`DGemmaError` saying what is wrong."""
+def parse_transcript(data: Any, defaults: GenerationSettings, path: PathLike = "transcript", model=None) -> Transcript:
+    """A :class:`Transcript` from decoded JSON, or a :class:`DGemmaError` saying what is wrong
+    (images are read back for ``model``, as in :func:`read_transcript`)."""
 
     def bad(why: str) -> DGemmaError:
         return DGemmaError(f"'{path}' is not a dgemma chat transcript: {why}")
@@ -95,6 +103,13 @@ def parse_transcript(data: Any, defaults: GenerationSettings, path: PathLike = "
         if m.get("role") not in ROLES:
             raise bad(f"messages[{i}] has role {m.get('role')!r} (expected user or assistant)")
         clean.append({"role": m["role"], "content": m["content"]})
+        if m.get("images"):
+            if model is None:
+                raise bad(f"messages[{i}] has images, which need a model to read them")
+            try:
+                clean[-1]["images"] = images_from_json(model, m["images"], f"messages[{i}]")
+            except DGemmaError as e:
+                raise bad(str(e))
     system = data.get("system")
     if system is not None and not isinstance(system, str):
         raise bad("'system' must be a string or null")

@@ -31,7 +31,9 @@ from starlette.routing import Route
 from ..errors import DGemmaError
 from ..events import CommitEvent, EndEvent, PassEvent
 from ..generate import default_settings, render_chat
+from ..image_processing import decode_image, load_image, process_image
 from ..infill import DEFAULT_FILL_LENGTH, HOLE, plan_infill, stream_infill
+from ..multimodal import check_image_context, expand_image_tokens, has_vision, template_messages
 from . import protocol
 from .protocol import APIError, ChatRequest, CompletionRequest, GenerationRequest, ResponseShape
 from .reply import Delta, Reply
@@ -131,8 +133,8 @@ class _Server:
     async def chat(self, request: Request) -> Response:
         self._authorize(request)
         req = protocol.parse_chat(await _json(request), self.model_id, self.defaults)
-        ids, split = await run_in_threadpool(self._chat_ids, req)
-        return await self._respond(request, req, ids, split, chat=True)
+        ids, split, images = await run_in_threadpool(self._chat_ids, req)
+        return await self._respond(request, req, ids, split, chat=True, images=images)
 
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
@@ -179,22 +181,52 @@ class _Server:
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    def _chat_ids(self, req: ChatRequest) -> tuple[list[int], int]:
-        """The conversation's ids and its split point (the end of the conversation before the
-        generation prompt, which the next turn shares)."""
+    def _chat_ids(self, req: ChatRequest) -> tuple[list[int], int, list]:
+        """The conversation's ids, its split point (the end of the conversation before the
+        generation prompt, which the next turn shares) and its processed images."""
+        images = self._images(req)
+        messages = template_messages(req.messages)
         try:
-            ids = render_chat(self.tokenizer, req.messages, think=req.think)
-            base = render_chat(self.tokenizer, req.messages, think=req.think, add_generation_prompt=False)
+            ids = render_chat(self.tokenizer, messages, think=req.think)
+            base = render_chat(self.tokenizer, messages, think=req.think, add_generation_prompt=False)
+            if images:
+                counts = [im.num_soft_tokens for im in images]
+                ids = expand_image_tokens(ids, counts, self.model.args)
+                base = expand_image_tokens(base, counts, self.model.args)
         except DGemmaError as e:
             raise protocol.bad_request(str(e), "messages")
-        return ids, min(common_prefix_len(ids, base), len(ids) - 1)
+        return ids, min(common_prefix_len(ids, base), len(ids) - 1), images
+
+    def _images(self, req: ChatRequest) -> list:
+        """Read and process the request's images (the vision tower runs on the worker)."""
+        refs = [ref for m in req.messages for ref in m.get("images", ())]
+        if not refs:
+            return []
+        if not has_vision(self.model):
+            raise protocol.bad_request("this model is text-only (no vision tower): it cannot read images",
+                                       refs[0].param)
+        v = self.model.args.vision
+        out = []
+        for ref in refs:
+            try:
+                image = decode_image(ref.data, ref.param) if ref.data is not None else load_image(ref.path)
+                out.append(process_image(image, req.image_tokens, patch_size=v.patch_size,
+                                         pooling_kernel_size=v.pooling_kernel_size))
+            except DGemmaError as e:
+                raise protocol.bad_request(str(e), ref.param)
+        return out
 
     async def _respond(
         self, request: Request, req: GenerationRequest, ids: list[int], split: int, *, chat: bool,
-        events=None, fill: Optional[tuple[int, int]] = None,
+        events=None, fill: Optional[tuple[int, int]] = None, images=(),
     ) -> Response:
         if not ids:
             raise protocol.bad_request("the prompt is empty", "prompt")
+        if images:
+            try:
+                check_image_context(self.model.args, 0, len(ids), sum(im.num_soft_tokens for im in images))
+            except DGemmaError as e:
+                raise protocol.bad_request(str(e), "messages", code="context_length_exceeded")
         if len(ids) + self.canvas > self.context:
             raise protocol.bad_request(
                 f"This model's maximum context length is {self.context} tokens; the prompt has {len(ids)} "
@@ -202,7 +234,7 @@ class _Server:
                 "messages" if chat else "prompt", code="context_length_exceeded",
             )
         run = _Run(self.tokenizer, self.model, req, chat=chat, fill=fill)
-        job = Job(ids, split, req.settings, run.on_event, drafts=req.include_drafts, events=events)
+        job = Job(ids, split, req.settings, run.on_event, drafts=req.include_drafts, events=events, images=images)
         try:
             self.worker.submit(job)
         except QueueFull as e:

@@ -4,14 +4,18 @@ Requests are checked field by field so that a bad value is reported as OpenAI re
 status and ``{"error": {"message", "type", "param", "code"}}``. The standard fields used are
 ``model``, ``messages`` / ``prompt``, ``max_tokens`` (or ``max_completion_tokens``), ``seed``,
 ``stream``, ``stream_options``, ``stop`` and ``n`` (1); DiffusionGemma's own settings come as extra
-body fields: ``steps``, ``entropy_bound``, ``t_min``, ``t_max`` and (chat) ``think``. Other
-OpenAI fields (``temperature``, ``top_p``, penalties, ``user`` ...) are accepted and ignored, as
-vLLM does; requests that need something this server cannot do (``n`` > 1, ``logprobs``, tools,
-images, ``echo``) are refused rather than silently answered differently.
+body fields: ``steps``, ``entropy_bound``, ``t_min``, ``t_max`` and (chat) ``think`` and
+``image_tokens``. User messages may carry ``image_url`` parts: data URLs (base64) or local paths
+(``file://`` or plain); remote URLs are never fetched. Other OpenAI fields (``temperature``,
+``top_p``, penalties, ``user`` ...) are accepted and ignored, as vLLM does; requests that need
+something this server cannot do (``n`` > 1, ``logprobs``, tools, remote images, ``echo``) are
+refused rather than silently answered differently.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,6 +23,7 @@ from typing import Any, Optional, Union
 
 from ..errors import DGemmaError
 from ..generate import GenerationSettings
+from ..image_processing import DEFAULT_IMAGE_TOKENS, check_budget
 
 MAX_STOP = 4
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -77,12 +82,24 @@ class GenerationRequest:
     max_tokens: Optional[int] = None
 
 
+@dataclass(frozen=True)
+class ImageRef:
+    """An ``image_url`` part, not yet read: ``data`` (a data URL's bytes) or ``path`` (local);
+    ``param`` names it in errors."""
+
+    param: str
+    data: Optional[bytes] = None
+    path: Optional[str] = None
+
+
 @dataclass
 class ChatRequest(GenerationRequest):
-    """``messages`` as the chat template takes them (``{"role", "content"}`` with string content)."""
+    """``messages`` as the chat template takes them (``{"role", "content"}`` with string content,
+    plus ``"images"``: :class:`ImageRef` s, for user messages with image parts)."""
 
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     think: bool = False
+    image_tokens: int = DEFAULT_IMAGE_TOKENS
 
 
 @dataclass
@@ -109,7 +126,12 @@ def parse_chat(body: Any, model_id: str, defaults: GenerationSettings) -> ChatRe
         if body.get(name):
             raise bad_request(f"'{name}' is not supported by this model server", name)
     think = _optional(body, "think", bool, default=False)
-    return ChatRequest(messages=clean, think=think, **_generation_fields(body, defaults))
+    image_tokens = _optional(body, "image_tokens", int, default=DEFAULT_IMAGE_TOKENS)
+    try:
+        check_budget(image_tokens)
+    except DGemmaError as e:
+        raise bad_request(str(e), "image_tokens")
+    return ChatRequest(messages=clean, think=think, image_tokens=image_tokens, **_generation_fields(body, defaults))
 
 
 def parse_completion(body: Any, model_id: str, defaults: GenerationSettings) -> CompletionRequest:
@@ -160,17 +182,47 @@ def _message(m: Any, i: int) -> dict[str, str]:
             f"{param}.role {role!r} is not supported (expected one of {', '.join(CHAT_ROLES)})", f"{param}.role"
         )
     content = m.get("content")
+    images: list[ImageRef] = []
     if isinstance(content, list):
         parts = []
-        for part in content:
+        for j, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                if CHAT_ROLES[role] != "user":
+                    raise bad_request(f"{param}.content: images are accepted in user messages only", f"{param}.content")
+                images.append(_image_ref(part.get("image_url"), f"{param}.content[{j}]", f"{param}.content"))
+                continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise bad_request(f"{param}.content: only text parts are supported (got {kind!r})", f"{param}.content")
+                raise bad_request(
+                    f"{param}.content: only text and image_url parts are supported (got {kind!r})", f"{param}.content"
+                )
             parts.append(part["text"])
         content = "".join(parts)
     if not isinstance(content, str):
         raise bad_request(f"{param}.content must be a string or an array of text parts", f"{param}.content")
-    return {"role": CHAT_ROLES[role], "content": content}
+    message: dict[str, Any] = {"role": CHAT_ROLES[role], "content": content}
+    if images:
+        message["images"] = images
+    return message
+
+
+def _image_ref(value: Any, where: str, param: str) -> ImageRef:
+    """An ``image_url`` part's value (``{"url": ...}`` or a string) as an :class:`ImageRef`."""
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"{where}: image_url needs a 'url' string", param)
+    if url.startswith("data:"):
+        header, sep, payload = url[5:].partition(",")
+        if not sep or not header.startswith("image/") or not header.endswith(";base64"):
+            raise bad_request(f"{where}: a data URL must be 'data:image/...;base64,<data>'", param)
+        try:
+            return ImageRef(param, data=base64.b64decode(payload, validate=True))
+        except (binascii.Error, ValueError):
+            raise bad_request(f"{where}: the data URL is not valid base64", param)
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme in ("http", "https", "ftp"):
+        raise bad_request(f"{where}: remote image URLs are not fetched; send a data URL or a local path", param)
+    return ImageRef(param, path=url[len("file://"):] if scheme == "file" else url)
 
 
 def _optional(body: dict, name: str, kind: type, default: Any = None) -> Any:

@@ -12,7 +12,9 @@ shares). The cache is rewound to the longest prefix it shares with the new promp
 checkpoint at or before it, as sliding-window layers require), the rest of the prompt up to
 ``split`` is encoded and checkpointed, and generation encodes the remainder. A client that sends
 the whole conversation every turn (the OpenAI API is stateless) therefore only pays for the new
-tokens. Between jobs the cache is kept only while it holds at most ``cache_bytes``.
+tokens. Between jobs the cache is kept only while it holds at most ``cache_bytes``. A job's images
+(processed) go through the vision tower here, only those the cache does not already hold (images
+are told apart by content digests, not by their image tokens).
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.utils import common_prefix_len
 
 from ..errors import DGemmaError
 from ..events import CommitEvent, EndEvent, Event, PassEvent
 from ..generate import GenerationSettings, stream_generate
+from ..image_processing import ProcessedImage
+from ..multimodal import PromptImage, encode_image, features_of, image_key, image_runs, resume_point
 
 DEFAULT_CACHE_BYTES = 4 << 30
 SHUTTING_DOWN = "the server is shutting down"
@@ -70,6 +75,8 @@ class Job:
         on_event: called on the worker thread with :class:`Started`, the generation's events
             (:class:`PassEvent` s only when ``drafts``) and, last, :class:`Finished`.
         drafts: deliver a :class:`PassEvent` per pass.
+        images: the :class:`~dgemma_mlx.image_processing.ProcessedImage` s of the prompt's image
+            tokens, in order.
         events: ``events(model, tokenizer)`` -> the events of a generation that runs in a cache of
             its own (infilling), instead of :func:`stream_generate` continuing the shared cache
             (``split`` is then unused).
@@ -83,6 +90,7 @@ class Job:
         on_event: Callable[[JobEvent], None],
         *,
         drafts: bool = False,
+        images: Sequence[ProcessedImage] = (),
         events: Optional[Callable[[Any, Any], Iterator[Event]]] = None,
     ):
         if not 0 <= split < len(ids):
@@ -92,6 +100,8 @@ class Job:
         self.settings = settings
         self.on_event = on_event
         self.drafts = drafts
+        self.images = list(images)
+        self.image_keys = [image_key(im) for im in self.images]
         self.events = events
         self._cancelled = threading.Event()
         self._completed = False
@@ -203,7 +213,7 @@ class GenerationWorker:
     def _generate(self, job: Job) -> Finished:
         own_cache = job.events is None
         try:
-            prompt, cached = self._prepare(job.ids, job.split) if own_cache else (job.ids, 0)
+            prompt, cached, images = self._prepare(job) if own_cache else (job.ids, 0, [])
         except Exception as e:  # noqa: BLE001 - reported to the client, the worker keeps serving
             self._new_cache()
             return _failed(e)
@@ -212,7 +222,9 @@ class GenerationWorker:
         if job.cancelled:
             return Finished("cancelled")
         if own_cache:
-            events = stream_generate(self.model, self.tokenizer, prompt, cache=self.cache, settings=job.settings)
+            events = stream_generate(
+                self.model, self.tokenizer, prompt, cache=self.cache, settings=job.settings, images=images
+            )
         else:
             events = job.events(self.model, self.tokenizer)
         ended, prompt_in = False, not own_cache
@@ -246,33 +258,52 @@ class GenerationWorker:
         self.cache = self.model.make_cache()
         self._ids: list[int] = []
         self._safe = 0  # a length the cache can always be rewound to (a checkpoint, or 0)
+        self._image_keys: list[str] = []  # the images whose tokens the cache holds
 
-    def _prepare(self, ids: list[int], split: int) -> tuple[list[int], int]:
+    def _prepare(self, job: Job) -> tuple[list[int], int, list[PromptImage]]:
         """Make the cache hold ``ids[:split]`` (reusing what it shares), checkpoint there; return
-        the tokens generation must still encode and the number of tokens reused."""
+        the tokens generation must still encode, the number of tokens reused and the encoded
+        images of those tokens."""
+        ids, split, keys, args = job.ids, job.split, job.image_keys, self.model.args
+        split, in_head = _split_before_images(ids, split, args)
         head = ids[:split]
-        lcp = common_prefix_len(self._ids, head)
+        lcp, _ = resume_point(head, keys, common_prefix_len(self._ids, head), args, self._image_keys)
         keep = lcp
         if lcp < len(self._ids):
             keep = self.cache.rewind(lcp)
             del self._ids[keep:]
             self._safe = min(self._safe, keep)
+        keep, first = resume_point(head, keys, keep, args)
+        images = [encode_image(self.model, im) for im in job.images[first:]]
         if keep < split:
             try:
-                self.model.encode(mx.array(head[keep:], dtype=mx.int32)[None], self.cache)
+                features = features_of(images[: in_head - first])
+                self.model.encode(mx.array(head[keep:], dtype=mx.int32)[None], self.cache, image_features=features)
             except BaseException:
                 self._restore()
                 raise
         self._ids = list(head)
+        self._image_keys = keys[:in_head]
         self.cache.checkpoint()
         self._safe = split
-        return ids[split:], keep
+        return ids[split:], keep, images[in_head - first :]
 
     def _restore(self) -> None:
         """After a cancelled or failed generation: rewind every layer to the last checkpoint."""
         n = self.cache.rewind(min(self._safe, len(self._ids)), force=True)
         del self._ids[n:]
         self._safe = n
+        held = image_runs(np.asarray(self._ids), self.model.args.image_token_id)
+        self._image_keys = self._image_keys[: len(held)]
+
+
+def _split_before_images(ids: list[int], split: int, args) -> tuple[int, int]:
+    """``split`` moved back so that no image straddles it, and the number of images before it."""
+    runs = image_runs(np.asarray(ids), args.image_token_id)
+    for a, b in runs:
+        if a < split < b:
+            split = a
+    return split, sum(1 for a, _ in runs if a < split)
 
 
 def _materialize(model) -> None:
