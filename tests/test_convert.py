@@ -180,3 +180,14 @@ def test_conversion_peak_memory_stays_near_one_shard(tmp_path):
     peak = int(result.stdout.split()[-1])
     print(f"checkpoint {total / 2**20:.0f} MiB, conversion peak {peak / 2**20:.0f} MiB")
     assert peak < 0.35 * total
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_output_permissions_follow_the_umask(tmp_path, checkpoint, umask, mode):
+    old = os.umask(umask)
+    try:
+        out = convert(checkpoint, tmp_path / f"mlx-{umask:o}")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == mode  # built in a private temporary directory, then moved
+    assert all(f.stat().st_mode & 0o777 == mode & 0o666 for f in out.iterdir() if f.suffix == ".safetensors")
