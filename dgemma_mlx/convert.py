@@ -146,13 +146,17 @@ def convert(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        apply_umask(tmp, directory=True)  # mkdtemp makes it 0700: the output is for other users too
         _write_weights(model, tmp, shard_gb, progress)
         config = _output_config(source_config, dtype, quantization)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         generation = load_generation_config(src) or dict(REFERENCE_GENERATION_CONFIG)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         _copy_tokenizer(src, tmp)
+        # mkdtemp makes the directory 0700 and MLX writes 0644 files: give the output the modes
+        # the user's umask asks for (other users and servers may need to read the weights).
+        apply_umask(tmp, directory=True)
+        for f in tmp.iterdir():
+            apply_umask(f)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -681,3 +681,14 @@ def test_a_non_utf8_line_on_stdin_is_skipped_with_one_error(model, tokenizer, mo
     assert run_repl(session, console) == 0
     out = console.file.getvalue()
     assert "error: the line is not valid UTF-8" in out and "steps=2" in out and session.messages == []
+
+
+@pytest.mark.parametrize("flags, history", [([], True), (["--no-history"], None)])
+def test_no_history_keeps_the_input_history_off_disk(checkpoint, monkeypatch, flags, history):
+    import dgemma_mlx.chat
+    from dgemma_mlx.cli import main
+
+    seen = {}
+    monkeypatch.setattr(dgemma_mlx.chat, "run_repl", lambda session, console, **kw: seen.update(kw) or 0)
+    assert main(["chat", "--model", str(checkpoint), *flags]) == 0
+    assert seen.get("history_file", True) is history
