@@ -650,3 +650,45 @@ def test_dgemma_chat_in_a_pseudo_terminal(checkpoint, tmp_path):
         child.close()
     assert child.exitstatus == 0
     assert "the sky is blue" in history.read_text()
+
+
+def test_params_seed_minus_one_is_random_and_a_bad_seed_changes_nothing(model, tokenizer):
+    console = plain_console()
+    session = make_session(model, tokenizer)
+    script = Script(["/params seed=-1", "the sky is blue", f"/params seed={2**64}", "/params seed=-7",
+                     "is the sky blue?", "/exit"], console)
+    assert run_repl(session, console, input_fn=script) == 0
+    assert "seed=random" in script.output("/params seed=-1")
+    for bad in (f"/params seed={2**64}", "/params seed=-7"):
+        out = script.output(bad)
+        assert out.startswith("error: ") and "seed" in out and out.count("\n") == 1
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] * 2  # both messages answered
+    assert session.settings.seed is None
+
+
+def test_params_temp_sets_a_constant_temperature(model, tokenizer):
+    session = make_session(model, tokenizer)
+    settings = session.set_params(**parse_params("temp=0.6"))
+    assert (settings.t_min, settings.t_max, settings.temp) == (0.6, 0.6, 0.6)
+    assert session.set_params(**parse_params("t_max=0.9")).temp is None  # a schedule again
+
+
+def test_a_non_utf8_line_on_stdin_is_skipped_with_one_error(model, tokenizer, monkeypatch):
+    console = plain_console()
+    session = make_session(model, tokenizer)
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\n/params steps=2\n/exit\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert run_repl(session, console) == 0
+    out = console.file.getvalue()
+    assert "error: the line is not valid UTF-8" in out and "steps=2" in out and session.messages == []
+
+
+@pytest.mark.parametrize("flags, history", [([], True), (["--no-history"], None)])
+def test_no_history_keeps_the_input_history_off_disk(checkpoint, monkeypatch, flags, history):
+    import dgemma_mlx.chat
+    from dgemma_mlx.cli import main
+
+    seen = {}
+    monkeypatch.setattr(dgemma_mlx.chat, "run_repl", lambda session, console, **kw: seen.update(kw) or 0)
+    assert main(["chat", "--model", str(checkpoint), *flags]) == 0
+    assert seen.get("history_file", True) is history

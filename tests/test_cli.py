@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,3 +191,109 @@ def test_convert_script_in_convert_dir_has_the_same_options(checkpoint, tmp_path
     )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m" / "model.safetensors.index.json").exists()
+
+
+# -- issue 10: what a new user hit ------------------------------------------------------------------
+
+
+def test_seed_minus_one_is_random_and_seeds_outside_uint64_are_one_line_errors(checkpoint):
+    assert dgemma("generate", "--model", str(checkpoint), "--steps", "2", "-n", "16", "--seed", "-1", "hi").returncode == 0
+    top = dgemma("generate", "--model", str(checkpoint), "--steps", "2", "-n", "16", "--seed", str(2**64 - 1), "hi")
+    assert top.returncode == 0, top.stderr
+    for bad in (str(2**64), "-2"):
+        one_line_error(dgemma("generate", "--model", str(checkpoint), "--seed", bad, "hi"), "seed", "2**64")
+
+
+def test_a_mistyped_local_path_says_no_such_directory_before_blaming_the_hub(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    r = dgemma("generate", "-m", "models/dg4bit", "hi", env=env)
+    one_line_error(r, "models/dg4bit", "no such local directory", "cannot be reached")
+    one_line_error(dgemma("generate", "-m", "models/dg/4bit", "hi", env=env), "does not exist")  # not a repo id
+
+
+def test_non_utf8_input_is_a_one_line_error(checkpoint):
+    piped = subprocess.run([sys.executable, "-m", "dgemma_mlx", "generate", "--model", str(checkpoint), "-"],
+                           input=b"caf\xe9?", capture_output=True, timeout=300)
+    one_line_error(subprocess.CompletedProcess(piped.args, piped.returncode, "", piped.stderr.decode()), "UTF-8")
+    argv = subprocess.run([sys.executable.encode(), b"-m", b"dgemma_mlx", b"generate", b"--model",
+                           str(checkpoint).encode(), b"caf\xe9?"], capture_output=True, timeout=300)
+    one_line_error(subprocess.CompletedProcess(argv.args, argv.returncode, "", argv.stderr.decode()), "UTF-8")
+
+
+def test_a_piped_prompt_loses_its_trailing_newline(checkpoint):
+    args = ["--model", str(checkpoint), *FAST, "-n", "16"]
+    piped = dgemma("generate", *args, input="Why is the sky blue?\n")
+    arg = dgemma("generate", *args, "Why is the sky blue?")
+    assert piped.returncode == arg.returncode == 0
+    assert piped.stdout == arg.stdout
+
+
+def test_no_third_party_warning_reaches_the_terminal(checkpoint, tmp_path):
+    # A tokenizer whose model_max_length is short makes transformers warn about long prompts.
+    short = tmp_path / "short"
+    shutil.copytree(checkpoint, short)
+    config = json.loads((short / "tokenizer_config.json").read_text())
+    (short / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    r = subprocess.run([sys.executable, "-m", "dgemma_mlx", "generate", "--model", str(short), "a " * 5000],
+                       capture_output=True, text=True, timeout=300, env=env)
+    one_line_error(r, "context")
+
+
+def test_version_and_shell_completion_are_available():
+    r = dgemma("--version")
+    assert r.returncode == 0 and re.fullmatch(r"dgemma \S+\n", r.stdout)
+    assert "--install-completion" in dgemma("--help").stdout
+
+
+def test_help_shows_metavars_defaults_from_the_code_and_no_type_placeholders():
+    from dgemma_mlx.settings import DEFAULTS
+
+    text = dgemma("generate", "--help").stdout
+    assert "--model PATH" in text and "--events PATH" in text
+    assert "<str>" not in text and "<bool>" not in text
+    assert f"else {DEFAULTS.steps})" in text and f"else {DEFAULTS.t_max})" in text.replace("\n", " ").replace("  ", "")
+    assert "--max-tokens" in text and "--system-prompt" in text and "--ignore-chat-template" in text
+    assert "--max-new-tokens" not in text and "--no-chat-template" not in text  # old spellings: hidden
+
+
+def test_old_spellings_still_work(checkpoint):
+    r = dgemma("generate", "--model", str(checkpoint), *FAST, "--max-new-tokens", "16", "--system", "Be brief.",
+               "--no-chat-template", "-q", "hi")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # -q is still --quiet here
+
+
+@pytest.mark.parametrize("flag, hint", [("--temperature", "--temp"), ("--t_min", "--t-min"), ("--top-p", "--entropy-bound"),
+                                        ("--max-length", "--max-tokens")])
+def test_unknown_flags_point_at_the_right_ones(flag, hint):
+    r = dgemma("generate", flag, "1", "hi")
+    assert r.returncode == 2
+    one_line_error(r, f"did you mean {hint}")
+
+
+def test_a_constant_temperature_is_allowed(checkpoint, tmp_path):
+    events = tmp_path / "events.jsonl"
+    r = dgemma("generate", "--model", str(checkpoint), "--steps", "3", "--seed", "1", "-n", "16", "--temp", "0.7",
+               "--events", str(events), "hi")
+    assert r.returncode == 0, r.stderr
+    passes = [json.loads(line) for line in events.read_text().splitlines() if '"pass"' in line]
+    assert passes and all(p["temperature"] == pytest.approx(0.7) for p in passes)
+    one_line_error(dgemma("generate", "--model", str(checkpoint), "--temp", "0.7", "--t-min", "0.1", "hi"), "--temp")
+
+
+def test_stats_say_one_block_and_small_peak_memory_in_megabytes(checkpoint):
+    r = dgemma("generate", "--model", str(checkpoint), *FAST, "-n", "16", "hi")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r", 1 block, ", r.stderr) and re.search(r"peak memory \d+ MB", r.stderr)
+
+
+def test_help_and_argument_errors_do_not_import_model_code():
+    code = (
+        "import sys\nfrom dgemma_mlx.cli import main\n"
+        "for argv in (['--help'], ['generate', '--help'], ['generate', '--steps', '0', 'hi'], ['generate', '--bogus']):\n"
+        "    main(argv)\n"
+        "print('mlx.core' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "False False", r.stdout + r.stderr

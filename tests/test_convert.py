@@ -219,3 +219,14 @@ def test_text_only_conversion_drops_the_vision_tower_and_keeps_the_text_model(tm
     text_only, _ = load(out)
     assert getattr(text_only, "vision_tower", None) is None
     assert np.array_equal(probe_logits(text_only), probe_logits(model))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_output_permissions_follow_the_umask(tmp_path, checkpoint, umask, mode):
+    old = os.umask(umask)
+    try:
+        out = convert(checkpoint, tmp_path / f"mlx-{umask:o}")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == mode  # built in a private temporary directory, then moved
+    assert all(f.stat().st_mode & 0o777 == mode & 0o666 for f in out.iterdir() if f.suffix == ".safetensors")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from dgemma_mlx.settings import REFERENCE_GENERATION_CONFIG
+
 SPECIAL_TOKENS = {
     0: "<pad>",
     1: "<eos>",
@@ -75,14 +77,8 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-GENERATION_CONFIG = {
-    "max_denoising_steps": 48,
-    "t_max": 0.8,
-    "t_min": 0.4,
-    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
-    "max_new_tokens": 256,
+GENERATION_CONFIG = {  # the reference's defaults, as a released checkpoint writes them
+    **REFERENCE_GENERATION_CONFIG,
     "bos_token_id": 2,
     "eos_token_id": EOS_IDS,
     "pad_token_id": 0,
