@@ -89,6 +89,11 @@ def step_key(seed: int, iteration: int, micro: int = 0) -> mx.array:
     return mx.random.key(int(np.random.default_rng((seed, iteration, micro)).integers(0, 2**62)))
 
 
+def eval_key(seed: int, batch: int) -> mx.array:
+    """The fixed draws of evaluation batch ``batch`` (a stream apart from the training steps')."""
+    return mx.random.key(int(np.random.default_rng((seed, batch, 0, 0, 1)).integers(0, 2**62)))
+
+
 @dataclass
 class Report:
     """One progress report (``kind`` is ``train``, ``val``, ``save`` or ``test``)."""
@@ -151,7 +156,7 @@ class Trainer:
         totals = np.zeros(3)
         batches = fixed_batches(dataset, self.args.batch_size, limit)
         for i, batch in enumerate(batches):
-            out = self._loss(batch, step_key(self.args.seed, -1, i))
+            out = self._loss(batch, eval_key(self.args.seed, i))
             mx.eval(out)
             totals += [float(x) for x in out]
         self.model.train()
