@@ -33,10 +33,9 @@ sys.path.append(str(REPO))  # dgemma_mlx, when it is not installed
 
 from flops import prefill_flops, read_shape, step_flops  # noqa: E402  (modules of benchmarks/)
 from probe import loadavg, machine_info, maybe_reexec_with_openblas  # noqa: E402
-from report import derive, render, verify  # noqa: E402
+from report import ALL_IMPLS, derive, render, verify  # noqa: E402
 
 
-ALL_IMPLS = ("ours", "transformers", "mlx-vlm")
 PHASES = ("prefill", "step", "commit", "e2e")
 BENCH_VERSION = 1
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 

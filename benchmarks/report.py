@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from flops import prefill_flops, step_flops
+
+ALL_IMPLS = ("ours", "transformers", "mlx-vlm")
 
 
 def get(d: Any, *keys, default=None):
