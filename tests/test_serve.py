@@ -33,10 +33,12 @@ QUESTIONS = ["the sky is blue", "is the sky blue?", "a blue sky", "the sky is a 
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
-    proc = ServerProcess(checkpoint, "--max-queue", "64")
+def server(checkpoint, tmp_path_factory):
+    proc = ServerProcess(checkpoint, tmp_path_factory.mktemp("serve") / "server.log", "--max-queue", "64")
     yield proc
     proc.close()
+    log = proc.log.read_text().splitlines()[1:]  # after the "Serving ..." line
+    assert not log, "the server logged:\n" + "\n".join(log)
 
 
 @pytest.fixture(scope="module")

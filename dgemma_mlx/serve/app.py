@@ -118,9 +118,9 @@ class _Server:
     async def health(self, request: Request) -> Response:
         w = self.worker
         return JSONResponse({
-            "status": "ok", "model": self.model_id, "queued": w.queued, "busy": w.running is not None,
-            "max_queue": w.max_queue, "cached_tokens": w.cached_tokens, **w.counts,
-        })
+            "status": "ok" if w.alive else "worker stopped", "model": self.model_id, "queued": w.queued,
+            "busy": w.running is not None, "max_queue": w.max_queue, "cached_tokens": w.cached_tokens, **w.counts,
+        }, status_code=200 if w.alive else 503)
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
