@@ -31,6 +31,10 @@ class _LayerCache:
     def prefix(self) -> Optional[KV]:
         raise NotImplementedError
 
+    def prefix_mask(self) -> Optional[mx.array]:
+        """Additive mask over the :meth:`prefix` keys, or None when the canvas sees all of them."""
+        return None
+
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes

@@ -56,7 +56,7 @@ def default_model() -> str:
     return os.environ.get("DGEMMA_MODEL") or DEFAULT_MODEL
 
 
-def load_with_status(model: str, quiet: bool = False):
+def load_with_status(model: str, quiet: bool = False, adapter: Optional[str] = None):
     """Load ``(model, tokenizer)``: a repo id is first fetched into the Hugging Face cache (with
     huggingface_hub's download progress), then a spinner shows while the weights load."""
     from .loading import load, resolve_model_path
@@ -64,7 +64,7 @@ def load_with_status(model: str, quiet: bool = False):
     path = resolve_model_path(model)
     status = err.status(f"Loading {model} …") if err.is_terminal and not quiet else nullcontext()
     with status:
-        return load(path)
+        return load(path, adapter_path=adapter)
 
 
 # Shared sampling options (generate and chat).
@@ -272,7 +272,7 @@ def serve(
         raise DGemmaError("--max-queue must be at least 1 and --cache-gb at least 0")
     bind(host, port).close()  # a taken port is reported before the (slow) model load
     name = model or default_model()
-    mdl, tok = load_with_status(name) if adapter is None else load_with_adapter(name, adapter)
+    mdl, tok = load_with_status(name, adapter=adapter)
     model_id = served_name or name
     run_server(
         mdl, tok, host=host, port=port, model_id=model_id, api_key=api_key, max_queue=max_queue,
@@ -281,17 +281,9 @@ def serve(
     )
 
 
-def load_with_adapter(name: str, adapter: str):
-    import inspect
-
-    from .loading import load
-
-    if "adapter_path" not in inspect.signature(load).parameters:
-        raise DGemmaError("--adapter needs adapter support in dgemma_mlx.load, which this build lacks")
-    return load(name, adapter_path=adapter)
 
 
-from . import cli_infill  # noqa: E402,F401  (registers `infill` and `edit`)
+from . import cli_infill, cli_sudoku, train_cli  # noqa: E402,F401  (register infill, edit, sudoku, models, train, fuse)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -134,7 +134,7 @@ def convert(
     already_quantized = any(k.endswith(".scales") for k in weights)
     if already_quantized and quantize:
         raise DGemmaError(f"'{hf_path}' is already quantized; convert from the original checkpoint")
-    quantize_like(model, weights, args.quantization)
+    quantize_like(model, weights)
     apply_weights(model, weights, DTYPES[dtype] if dtype else None)
     del weights
 
@@ -148,7 +148,7 @@ def convert(
                 {},
                 q_group_size,
                 q_bits,
-                quant_predicate=model.quant_predicate(q_bits, q_group_size),
+                quant_predicate=model.quantization_recipe(q_bits, q_group_size),
             )
         quantization = qconfig["quantization"]
 

@@ -13,7 +13,13 @@ all``):
   hundreds of times a layer. Needs the per-expert counts on the host: one small synchronisation
   per layer.
 
-``"auto"`` picks ``"grouped"`` for float experts on the CPU and ``"gather"`` otherwise.
+* ``"dense"`` — every expert on every token as one batched matmul, weighted by a dense routing
+  matrix (zero for experts a token does not use). ``num_experts / top_k`` times the expert FLOPs,
+  but no gathers, scatters or host synchronisation: the fast path for training small models with
+  few experts, and traceable by ``mx.compile``.
+
+``"auto"`` picks ``"dense"`` for float experts when there are at most twice as many experts as a
+token uses, else ``"grouped"`` for float experts on the CPU and ``"gather"`` otherwise.
 """
 
 from __future__ import annotations
@@ -23,10 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
-from .ops import gelu_mul, on_cpu
-
-STRATEGIES = ("auto", "gather", "grouped")
-
+from .ops import cpu_kernels, gelu_mul, on_cpu
 
 def geglu(h: mx.array) -> mx.array:
     """:func:`gelu_mul` for ``h`` = [..., 2I] holding gate then up (fused expert projections)."""
@@ -38,8 +41,9 @@ class Experts(nn.Module):
     """``num_experts`` gated-GELU experts stored fused: ``gate_up_proj`` [E, 2I, H] (gate rows
     first) and ``down_proj`` [E, H, I]."""
 
-    def __init__(self, dims: int, hidden: int, num_experts: int):
+    def __init__(self, dims: int, hidden: int, num_experts: int, top_k: int = 1):
         super().__init__()
+        self.top_k = top_k
         self.gate_up_proj = SwitchLinear(dims, 2 * hidden, num_experts, bias=False)
         self.down_proj = SwitchLinear(hidden, dims, num_experts, bias=False)
         self.strategy = "auto"
@@ -51,7 +55,9 @@ class Experts(nn.Module):
     def resolved_strategy(self) -> str:
         if self.strategy != "auto":
             return self.strategy
-        return "grouped" if on_cpu() and not self.quantized else "gather"
+        if not self.quantized and self.gate_up_proj.num_experts <= 2 * self.top_k:
+            return "dense"  # at most twice the expert FLOPs, none of the routing overhead
+        return "grouped" if cpu_kernels() and not self.quantized else "gather"
 
     @property
     def _needs_plain_matmul(self) -> bool:
@@ -60,10 +66,22 @@ class Experts(nn.Module):
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
         """``x`` [N, H], ``idx`` [N, k] expert ids, ``weights`` [N, k] -> weighted sum [N, H]."""
-        if self.resolved_strategy() == "grouped" or self._needs_plain_matmul:
+        strategy = self.resolved_strategy()
+        if strategy == "dense" and not self.quantized:
+            return self._dense(x, idx, weights)
+        if strategy == "grouped" or self._needs_plain_matmul:
             return self._grouped(x, idx, weights)
         y = self._gather(x, idx)
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+    def _dense(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        """[N, H] -> [N, H]: all experts on all rows, summed with a dense [E, N] weight matrix."""
+        E = self.gate_up_proj.num_experts
+        onehot = idx[..., None] == mx.arange(E, dtype=idx.dtype)  # [N, k, E]
+        w = (onehot.astype(weights.dtype) * weights[..., None]).sum(axis=1).T[..., None]  # [E, N, 1]
+        a = geglu(x[None] @ self.gate_up_proj.weight.swapaxes(-1, -2))  # [E, N, I]
+        a = a * w.astype(a.dtype)
+        return (a @ self.down_proj.weight.swapaxes(-1, -2)).sum(axis=0)
 
     def _gather(self, x: mx.array, idx: mx.array) -> mx.array:
         """[N, H] -> [N, k, H] with gathered matmuls."""

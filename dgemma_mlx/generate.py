@@ -122,15 +122,14 @@ def build_prompt(
     chat_template: bool = True,
 ) -> list[int]:
     """Token ids for a user prompt: through the tokenizer's chat template (``enable_thinking`` =
-    ``think``), or the raw text (with the tokenizer's BOS) when ``chat_template`` is False."""
+    ``think``), or the raw text (with the tokenizer's BOS) when ``chat_template`` is False or the
+    tokenizer has none (a base model, such as the bundled ``pycode``: it continues text)."""
     if not prompt or not prompt.strip():
         raise DGemmaError("the prompt is empty")
-    if not chat_template:
+    if not chat_template or not getattr(tokenizer, "has_chat_template", False):
         if system:
             prompt = f"{system}\n\n{prompt}"
         return list(tokenizer.encode(prompt))
-    if not getattr(tokenizer, "has_chat_template", False):
-        raise DGemmaError("this tokenizer has no chat template; use --no-chat-template for a raw prompt")
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]

@@ -5,7 +5,8 @@ before the first hole is the context (the prompt, encoded into the cache). The c
 the first hole: each hole's positions are free, the text between and after the holes is pinned
 (see :func:`dgemma_mlx.generate.stream_generate`), and after the last piece of text the end of
 the text is pinned (the end token, then EOS fill up to the block's end, as the model was trained
-to see a finished response). A canvas too long for one block continues in the next; each block
+to see a finished response; the end token is EOS in raw mode, Gemma 4's end of turn ``<turn|>`` in
+chat mode when the vocabulary has it). A canvas too long for one block continues in the next; each block
 is denoised after the previous one is committed, so a hole sees the text after it only within
 its own block.
 

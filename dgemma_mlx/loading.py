@@ -19,9 +19,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .adapters import load_adapters, untie_for_weights
+from .bundled import bundled_path
 from .config import ModelArgs
 from .errors import DGemmaError
-from .model import Model
+from .model import Model, Source
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -39,6 +41,9 @@ def resolve_model_path(path_or_repo: Union[str, Path], *, weights: bool = True) 
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    bundled = bundled_path(name)
+    if bundled is not None:
+        return bundled
     if path.exists():
         raise DGemmaError(f"model path '{name}' is a file, not a checkpoint directory")
     if not looks_like_repo_id(name):
@@ -119,14 +124,12 @@ def load_safetensors(files: list[Path]) -> dict[str, mx.array]:
     return weights
 
 
-def quantize_like(model: Model, weights: dict[str, mx.array], quantization: Optional[dict]) -> None:
+def quantize_like(model: Model, weights: dict[str, mx.array]) -> None:
     """Turn every layer stored quantized in ``weights`` into its quantized counterpart.
 
-    Bits and group size come from the config's per-layer entry when it names the layer, else are
-    recovered from the tensor shapes (mlx-lm's ``infer_quant_config``)."""
+    Bits and group size are recovered from the tensor shapes (mlx-lm's ``infer_quant_config``)."""
     from mlx_lm.utils import infer_quant_config
 
-    quantization = quantization or {}
     names = {}
     for path, module in model.named_modules():
         if hasattr(module, "to_quantized") and f"{path}.scales" in weights:
@@ -179,7 +182,8 @@ def load_model(
     args = ModelArgs.from_config(load_config(model_path))
     model = Model(args)
     weights = model.sanitize(load_safetensors(weight_files(model_path)))
-    quantize_like(model, weights, args.quantization)
+    untie_for_weights(model, weights)
+    quantize_like(model, weights)
     apply_weights(model, weights, dtype)
     if not lazy:
         try:
@@ -188,8 +192,7 @@ def load_model(
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DGemmaError(f"{model_path}: cannot read the weights (truncated or corrupt?): {reason}")
     model.eval()
-    model.path = model_path
-    model.generation_config = load_generation_config(model_path)
+    model.source = Source(model_path, load_generation_config(model_path))
     return model, model_path
 
 
@@ -206,14 +209,22 @@ def load_tokenizer(model_path: Path, eos_token_ids: Optional[list[int]] = None):
         raise DGemmaError(f"{model_path}: cannot load the tokenizer: {reason}")
 
 
-def load(path_or_repo: Union[str, Path], dtype: Optional[Union[str, mx.Dtype]] = None):
+def load(
+    path_or_repo: Union[str, Path],
+    dtype: Optional[Union[str, mx.Dtype]] = None,
+    adapter_path: Optional[Union[str, Path]] = None,
+):
     """Load ``(model, tokenizer)`` from a local directory or a Hugging Face repo id.
 
     ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"`` or an ``mx.Dtype``) casts the float
-    weights; None keeps the checkpoint's dtype. The model carries ``model.path`` and
-    ``model.generation_config`` (the checkpoint's ``generation_config.json``, nulls dropped).
+    weights; None keeps the checkpoint's dtype. ``adapter_path``: LoRA adapters (``dgemma train``)
+    to apply. The model carries ``model.path`` and ``model.generation_config`` (the checkpoint's
+    ``generation_config.json``, nulls dropped).
     """
     model, model_path = load_model(path_or_repo, dtype)
+    if adapter_path is not None:
+        load_adapters(model, Path(adapter_path))
+        model.eval()
     eos = model.generation_config.get("eos_token_id", model.args.eos_token_ids)
     eos = eos if isinstance(eos, list) else [eos]
     model.args.eos_token_ids = [int(e) for e in eos]

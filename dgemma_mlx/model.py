@@ -17,20 +17,19 @@ times ``layer_scalar``. The router reads ``r``. Attention uses scale 1.0 with RM
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.rope_utils import initialize_rope
 
+from .adapters import encoding_pass
 from .cache import FullAttentionCache, PrefixCache, SlidingWindowCache
-from .config import FULL, SLIDING, ModelArgs
+from .config import FULL, ModelArgs
 from .experts import Experts
-from .ops import LOG2E, compute_streams, gelu_mul, rows_in_parallel, shifted_exp2, softmax, split_range
-
-
-def rms_norm_noscale(x: mx.array, eps: float) -> mx.array:
-    return mx.fast.rms_norm(x, None, eps)
+from .attention import Attention
+from .ops import gelu_mul, rms_norm_noscale, rows_in_parallel, softmax
 
 
 class MLP(nn.Module):
@@ -64,141 +63,11 @@ class Router(nn.Module):
         h = rms_norm_noscale(x, self.eps) * self.scale * self.root_size
         probs = mx.softmax(self.proj(h).astype(mx.float32), axis=-1)
         k = self.top_k
-        idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+        idx = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])
         w = mx.take_along_axis(probs, idx, axis=-1)
         w = w / w.sum(axis=-1, keepdims=True)
         w = w * self.per_expert_scale[idx].astype(mx.float32)
-        return mx.stop_gradient(idx.astype(mx.uint32)), w
-
-
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
-        super().__init__()
-        self.is_sliding = args.layer_types[layer] == SLIDING
-        self.window = args.sliding_window
-        self.n_heads = args.num_attention_heads
-        self.n_kv = args.layer_kv_heads[layer]
-        self.head_dim = args.layer_head_dims[layer]
-        dims, hd = args.hidden_size, self.head_dim
-        self.q_proj = nn.Linear(dims, self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(dims, self.n_kv * hd, bias=False)
-        if self.is_sliding:
-            self.v_proj = nn.Linear(dims, self.n_kv * hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * hd, dims, bias=False)
-        self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
-        self.eps = args.rms_norm_eps
-        rope = args.rope_parameters[args.layer_types[layer]]
-        self.rope = initialize_rope(
-            dims=hd,
-            base=rope.get("rope_theta", 10_000.0),
-            traditional=False,
-            scaling_config=rope,
-            max_position_embeddings=args.max_position_embeddings,
-        )
-
-    def _qkv(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array, mx.array]:
-        """[B, L, H] -> q [B, heads, L, D], k and v [B, kv_heads, L, D] (RoPE at ``offset``)."""
-        B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
-        k_raw = self.k_proj(x).reshape(B, L, self.n_kv, self.head_dim)
-        v_raw = self.v_proj(x).reshape(B, L, self.n_kv, self.head_dim) if self.is_sliding else k_raw
-        k = self.k_norm(k_raw)
-        v = rms_norm_noscale(v_raw, self.eps)
-        q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
-        k = self.rope(k.transpose(0, 2, 1, 3), offset=offset)
-        return q, k, v.transpose(0, 2, 1, 3)
-
-    def _out(self, o: mx.array) -> mx.array:
-        B, _, L, _ = o.shape
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-    def encode(self, x: mx.array, cache, offset: int) -> mx.array:
-        """Causal attention of ``x`` over the cached prefix and itself; appends to ``cache``.
-
-        Sliding layers let the query at position p see keys in (p - window, p]."""
-        L = x.shape[1]
-        q, k, v = self._qkv(x, offset)
-        kept = cache.kept if isinstance(cache, SlidingWindowCache) else offset
-        keys, values = cache.append(k, v)  # views of the stored prefix, then the new tokens
-        window = self.window if self.is_sliding else None
-        parts = [(k, v, _causal_mask(L, 0, window))]
-        if kept:
-            prefix_mask = _causal_mask(L, kept, window, prefix_only=True) if window else None
-            parts.insert(0, (keys[..., :kept, :], values[..., :kept, :], prefix_mask))
-        return self._out(_attend(q, parts))
-
-    def denoise(self, x: mx.array, cache, offset: int) -> mx.array:
-        """Bidirectional attention of the canvas over the cached prefix and the whole canvas.
-
-        The prefix is read in place: it is never concatenated with the canvas keys."""
-        q, k, v = self._qkv(x, offset)
-        prefix = cache.prefix() if cache is not None else None
-        parts = [(k, v, None)] if prefix is None else [(*prefix, None), (k, v, None)]
-        return self._out(_attend(q, parts))
-
-
-def _causal_mask(L: int, kept: int, window: Optional[int], prefix_only: bool = False) -> mx.array:
-    """Additive mask [L, K] for L queries that follow ``kept`` earlier keys.
-
-    ``prefix_only``: the keys are the ``kept`` earlier ones (K = kept); otherwise the L new ones.
-    A query i may see key j when j is not after it and, with a window, fewer than ``window``
-    positions before it."""
-    q = mx.arange(L)[:, None] + kept
-    k = mx.arange(kept if prefix_only else L)[None] + (0 if prefix_only else kept)
-    allowed = k <= q
-    if window:
-        allowed = allowed & (k > q - window)
-    return mx.where(allowed, 0.0, -mx.inf).astype(mx.float32)
-
-
-def _attend(q: mx.array, parts: list) -> mx.array:
-    """Attention (scale 1.0) of q [B, H, L, D] over key/value parts [B, kv, K_i, D] with optional
-    additive masks [L, K_i]: one softmax across all parts, computed without concatenating them.
-
-    Query heads share key/value heads in groups (GQA, kv-major). Groups of kv heads are spread
-    over :func:`compute_streams` (on the CPU, MLX runs each op on one core).
-    """
-    B, H, L, D = q.shape
-    n_kv = parts[0][0].shape[1]
-    rep = H // n_kv
-    # Scores in log2 units, so the softmax uses powers of 2 (see ops.LOG2E). In float32 the factor
-    # is folded into q; in half precision it is applied to the float32 scores, so q is not rounded
-    # once more.
-    fold = q.dtype == mx.float32
-    if fold:
-        q = q * LOG2E
-    outs = []
-    for (a, b), stream in zip(split_range(n_kv), compute_streams()):
-        with mx.stream(stream):
-            qg = q[:, a * rep : b * rep].reshape(B, b - a, rep * L, D)
-            scores, values = [], []
-            for k, v, mask in parts:
-                s = (qg @ k[:, a:b].swapaxes(-1, -2)).astype(mx.float32)
-                if not fold:
-                    s = s * LOG2E
-                if mask is not None:
-                    s = (s.reshape(B, b - a, rep, L, -1) + mask).reshape(s.shape)
-                scores.append(s)
-                values.append(v[:, a:b])
-            outs.append(_merge_softmax(scores, values).reshape(B, (b - a) * rep, L, -1))
-    return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
-
-
-def _merge_softmax(scores: list[mx.array], values: list[mx.array]) -> mx.array:
-    """``softmax(concat(scores)) @ concat(values)`` from the parts, for scores in log2 units
-    (float32 softmax)."""
-    m = scores[0].max(axis=-1, keepdims=True)
-    for s in scores[1:]:
-        m = mx.maximum(m, s.max(axis=-1, keepdims=True))
-    dt = values[0].dtype
-    out = denom = None
-    for s, v in zip(scores, values):
-        e = shifted_exp2(s, m)
-        part, total = e.astype(dt) @ v, e.sum(axis=-1, keepdims=True)
-        out = part if out is None else out + part
-        denom = total if denom is None else denom + total
-    return (out.astype(mx.float32) / denom).astype(dt)
+        return idx.astype(mx.uint32), w
 
 
 class DecoderLayer(nn.Module):
@@ -208,7 +77,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(args, layer)
         self.mlp = MLP(H, args.intermediate_size)
         self.router = Router(args)
-        self.experts = Experts(H, args.moe_intermediate_size, args.num_experts)
+        self.experts = Experts(H, args.moe_intermediate_size, args.num_experts, args.top_k_experts)
         self.input_layernorm = nn.RMSNorm(H, eps=eps)
         self.post_attention_layernorm = nn.RMSNorm(H, eps=eps)
         self.pre_feedforward_layernorm = nn.RMSNorm(H, eps=eps)
@@ -253,8 +122,27 @@ class SelfConditioning(nn.Module):
         return rms_norm_noscale(embeds, self.eps)
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a loaded model came from (kept out of the module tree, so not a parameter)."""
+
+    path: Optional[Path] = None
+    generation_config: dict = field(default_factory=dict)
+
+
 class Model(nn.Module):
     """The DiffusionGemma text model. Weights are shared by :meth:`encode` and :meth:`denoise`."""
+
+    source: Source = Source()
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self.source.path
+
+    @property
+    def generation_config(self) -> dict:
+        """The checkpoint's ``generation_config.json`` (nulls dropped; {} when absent)."""
+        return self.source.generation_config
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -320,12 +208,21 @@ class Model(nn.Module):
         step = chunk_size or self.encode_chunk_size
         for start in range(0, ids.shape[1], step):
             chunk = ids[:, start : start + step]
-            h = self._embed(chunk)
-            offset = cache.offset
-            for layer, c in zip(self.layers, cache.layers):
-                h = layer(h, c, offset, encode=True)
+            self.encoder_pass(chunk, cache.layers, cache.offset)
             cache.advance(chunk.shape[1])
             mx.eval(cache.arrays())
+
+    def encoder_pass(self, ids: mx.array, layer_caches: list, offset: int) -> mx.array:
+        """One causal pass of ``ids`` (int [B, L]) at positions ``offset...``, appending to each of
+        ``layer_caches``; returns the last hidden states [B, L, H] (before the final norm).
+
+        :meth:`encode` drives it over a :class:`PrefixCache`; training gives it recording caches
+        so the encoder's keys/values and hidden states stay in the autodiff graph."""
+        with encoding_pass():
+            h = self._embed(ids)
+            for layer, c in zip(self.layers, layer_caches):
+                h = layer(h, c, offset, encode=True)
+        return h
 
     def denoise(
         self,
@@ -334,12 +231,15 @@ class Model(nn.Module):
         self_conditioning_logits: Optional[mx.array] = None,
         *,
         self_conditioning_probs: Optional[mx.array] = None,
+        self_conditioning_mask: Optional[mx.array] = None,
     ) -> mx.array:
         """Logits (float32 [B, C, V], soft-capped) for ``canvas`` (int [B, C]) placed after the cache.
 
         ``self_conditioning_logits`` are the previous step's temperature-scaled logits [B, C, V]
         (None on a canvas's first step). ``self_conditioning_probs`` may be given instead: their
-        softmax, when the caller already has it. The cache is not modified.
+        softmax, when the caller already has it. ``self_conditioning_mask`` (bool [B]) zeroes the
+        signal of the rows where it is False (training: self-conditioning per example). The cache is
+        not modified; its ``offset`` may be an int array [B] (one canvas position per row).
         """
         if canvas.ndim == 1:
             canvas = canvas[None]
@@ -351,6 +251,8 @@ class Model(nn.Module):
             self_conditioning_probs = rows_in_parallel(softmax, sc)
         if self_conditioning_probs is not None:
             soft = self.soft_embedding(self_conditioning_probs)
+            if self_conditioning_mask is not None:
+                soft = soft * self_conditioning_mask.astype(soft.dtype)[:, None, None]
         h = self.self_conditioning(h, soft)
         offset = cache.offset
         for layer, c in zip(self.layers, cache.layers):
@@ -382,8 +284,9 @@ class Model(nn.Module):
             out[key] = value
         return out
 
-    def quant_predicate(self, expert_bits: int, group_size: int, mode: str = "affine"):
-        """The default recipe: experts at ``expert_bits``; everything else at 8 bits."""
+    def quantization_recipe(self, expert_bits: int, group_size: int, mode: str = "affine"):
+        """mlx-lm's ``quant_predicate`` for the default recipe: experts at ``expert_bits``;
+        everything else at 8 bits."""
 
         def predicate(path: str, module: nn.Module):
             if not hasattr(module, "to_quantized"):

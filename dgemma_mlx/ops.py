@@ -23,12 +23,36 @@ def on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
 
+# The kernel switch: "cpu" uses the techniques measured fast on MLX's CPU backend (attention merged
+# across parts, base-2 exponentials, work spread over two streams, plain uncompiled elementwise
+# ops, grouped experts); "fused" the GPU path (MLX's fused attention and compiled elementwise ops,
+# gathered experts, one stream). "auto" picks by the default device. Tests select either on the CPU.
+KERNELS = ("auto", "cpu", "fused")
+_kernels = os.environ.get("DGEMMA_KERNELS", "auto")
+
+
+def set_kernels(mode: str) -> None:
+    global _kernels
+    if mode not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}")
+    _kernels = mode
+
+
+def cpu_kernels() -> bool:
+    """Whether the CPU techniques are on (see :func:`set_kernels`)."""
+    return _kernels == "cpu" or (_kernels == "auto" and on_cpu())
+
+
+def rms_norm_noscale(x: mx.array, eps: float) -> mx.array:
+    return mx.fast.rms_norm(x, None, eps)
+
+
 def fused(fn: Callable) -> Callable:
     """``fn`` compiled with ``mx.compile`` when running on the GPU, plain on the CPU."""
     compiled = mx.compile(fn)
 
     def run(*args):
-        return fn(*args) if on_cpu() else compiled(*args)
+        return fn(*args) if cpu_kernels() else compiled(*args)
 
     run.__doc__ = fn.__doc__
     run.__name__ = fn.__name__
@@ -70,11 +94,11 @@ def compute_streams() -> list:
     an op on one core, so elementwise-heavy work parallelises across streams), one elsewhere.
     Each thread gets its own streams."""
     device = mx.default_device()
-    key = str(device)
+    key = (str(device), cpu_kernels())
     streams_by_device = _STREAMS.__dict__.setdefault("by_device", {})
     if key not in streams_by_device:
         streams = [mx.default_stream(device)]
-        if on_cpu() and (os.cpu_count() or 1) > 1:
+        if cpu_kernels() and on_cpu() and (os.cpu_count() or 1) > 1:
             streams.append(mx.new_stream(device))
         streams_by_device[key] = streams
     return streams_by_device[key]

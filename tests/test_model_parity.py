@@ -13,6 +13,17 @@ from dgemma_mlx.cache import FullAttentionCache, SlidingWindowCache
 TOL = 1e-4
 
 
+@pytest.fixture(autouse=True, params=["cpu", "fused"])
+def kernels(request):
+    """Every parity test runs on both attention/expert paths: the CPU techniques and the fused
+    (GPU) path, selected on the CPU."""
+    from dgemma_mlx.ops import set_kernels
+
+    set_kernels(request.param)
+    yield request.param
+    set_kernels("auto")
+
+
 def ref_encode(ref, blocks):
     cache = DynamicCache(config=ref.config.get_text_config(decoder=True))
     with torch.no_grad():
@@ -213,3 +224,14 @@ def test_half_precision_model_runs_and_stays_close_to_float32(checkpoint, model,
     cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     assert b.dtype == np.float32 and np.isfinite(b).all()
     assert cosine.mean() > 0.9, cosine.mean()
+
+
+def test_the_fused_path_runs_mlx_fused_attention_and_the_cpu_path_does_not(model, monkeypatch, kernels):
+    import dgemma_mlx.attention as attention
+
+    calls = []
+    real = mx.fast.scaled_dot_product_attention
+    monkeypatch.setattr(attention.mx.fast, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = our_encode(model, [[2, 5, 7]])
+    our_denoise(model, cache, list(range(model.args.canvas_length)))
+    assert bool(calls) == (kernels == "fused")

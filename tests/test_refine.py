@@ -272,6 +272,9 @@ def test_batch_refinement_equals_independent_runs_row_by_row(model, tokenizer, p
         single = list(refine_block(model, cache, canvas[b : b + 1], settings=settings, key=keys[b],
                                    pinned=pins[b : b + 1], score=True))
         assert len(single) == last.passes[b]
+        for batch_pass, single_pass in zip(batch, single):  # every pass, not only the last
+            assert np.array_equal(np.array(batch_pass.argmax)[b], np.array(single_pass.argmax)[0])
+            assert np.array_equal(np.array(batch_pass.accepted)[b], np.array(single_pass.accepted)[0])
         for name in ("argmax", "accepted", "entropy", "mean_entropy", "logprob"):
             assert np.array_equal(np.array(getattr(last, name))[b], np.array(getattr(single[-1], name))[0]), name
         # the row keeps its final state in the batch's later passes

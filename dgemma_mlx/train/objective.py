@@ -1,0 +1,209 @@
+"""DiffusionGemma's block-diffusion training objective (the recipe TRL, NeMo and Google's SFT share).
+
+Per example (right-padded batch of clean sequences, ``response_mask`` marking the supervised tokens,
+which form one contiguous span: the response):
+
+* one response block of ``C = canvas_length`` tokens is chosen (``block_index``); the clean canvas is
+  that block, EOS-filled past the end of the response (the fill is supervised);
+* the encoder (causal) reads the whole clean sequence; the denoiser reads exactly the cache that
+  encoding the tokens *before* the block would produce, as at inference: full-attention layers see
+  every earlier token, sliding layers only the last ``window - 1`` of them (TRL's single batched
+  pass lets sliding layers see the end of the sequence instead; the two agree when sequences fit
+  the window);
+* the canvas is corrupted (``t ~ U(1e-3, 1)`` per example; each position replaced by a uniform
+  random vocabulary id with probability ``t``; no mask token);
+* a first denoising pass without gradients gives logits that self-condition the second pass for the
+  examples whose coin came up (``self_conditioning_mask``);
+* loss = mean cross-entropy over every canvas position (no ``1/t`` weighting) + ``encoder_weight``
+  x the encoder's causal next-token cross-entropy over all valid pairs (tied head, soft-capped).
+
+:func:`block_diffusion_loss` is the deterministic core (the random draws are inputs);
+:func:`sample_draws` makes the draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import _LayerCache
+
+EPS = 1e-3  # minimum corruption ratio (TRL's eps): avoids uncorrupted canvases
+
+
+@dataclass
+class Draws:
+    """The random draws of one training step."""
+
+    block_index: mx.array  # int32 [B]: the response block each example trains on
+    canvas_ids: mx.array  # int32 [B, C]: the corrupted canvas
+    self_conditioning_mask: mx.array  # bool [B]: examples whose second pass is self-conditioned
+    targets: mx.array  # int32 [B, C]: the clean canvas
+
+
+def response_span(response_mask: mx.array) -> tuple[mx.array, mx.array]:
+    """First supervised position and number of supervised tokens per row: [B, L] -> [B], [B]."""
+    supervised = response_mask.astype(mx.int32)
+    return mx.argmax(supervised, axis=1).astype(mx.int32), supervised.sum(axis=1)
+
+
+def num_blocks(response_mask: mx.array, canvas_length: int) -> mx.array:
+    """Response blocks per example (at least one): int32 [B]."""
+    _, length = response_span(response_mask)
+    return mx.maximum(length - 1, 0) // canvas_length + 1
+
+
+def canvas_targets(
+    input_ids: mx.array, response_mask: mx.array, block_index: mx.array, canvas_length: int, eos_id: int
+) -> tuple[mx.array, mx.array]:
+    """The clean canvas [B, C] of each example's block, EOS past the response's end, and where the
+    block starts (the denoiser's cache length) [B]."""
+    start, length = response_span(response_mask)
+    cut = start + block_index * canvas_length
+    offsets = mx.arange(canvas_length)
+    positions = mx.minimum(cut[:, None] + offsets, input_ids.shape[1] - 1)
+    inside = offsets[None] < (length - block_index * canvas_length)[:, None]
+    clean = mx.take_along_axis(input_ids, positions, axis=1)
+    return mx.where(inside, clean, eos_id).astype(mx.int32), cut
+
+
+def sample_draws(
+    key: mx.array,
+    input_ids: mx.array,
+    response_mask: mx.array,
+    *,
+    canvas_length: int,
+    vocab_size: int,
+    eos_id: int,
+    t_range: tuple[float, float] = (EPS, 1.0),
+    self_conditioning_p: float = 0.5,
+) -> Draws:
+    """Block choice, corruption and self-conditioning coins for one batch.
+
+    ``t_range`` bounds the per-example corruption ratio (default ``U(1e-3, 1)``, the reference's;
+    a higher floor is a curriculum for from-scratch training)."""
+    B = input_ids.shape[0]
+    k_block, k_t, k_pos, k_tok, k_sc = mx.random.split(key, 5)
+    blocks = num_blocks(response_mask, canvas_length)
+    block_index = mx.minimum(
+        (mx.random.uniform(shape=(B,), key=k_block) * blocks).astype(mx.int32), blocks - 1
+    )
+    targets, _ = canvas_targets(input_ids, response_mask, block_index, canvas_length, eos_id)
+    lo, hi = t_range
+    t = lo + (hi - lo) * mx.random.uniform(shape=(B, 1), key=k_t)
+    corrupt = mx.random.uniform(shape=(B, canvas_length), key=k_pos) < t
+    noise = mx.random.randint(0, vocab_size, (B, canvas_length), dtype=mx.int32, key=k_tok)
+    canvas = mx.where(corrupt, noise, targets)
+    sc = mx.random.uniform(shape=(B,), key=k_sc) < self_conditioning_p
+    return Draws(block_index, canvas, sc, targets)
+
+
+class _Recorder(_LayerCache):
+    """Layer cache for the training encoder: keeps the keys/values of the whole sequence."""
+
+    def append(self, keys: mx.array, values: mx.array):
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+class _CutPrefix(_LayerCache):
+    """The encoder's keys/values of the whole sequence, masked per row to what the denoiser of
+    that row may read: positions in ``[lo, cut)`` (``lo = cut - (window - 1)`` on sliding layers)."""
+
+    def __init__(self, keys: mx.array, values: mx.array, mask: mx.array):
+        self.keys, self.values, self._mask = keys, values, mask
+
+    def prefix(self):
+        return self.keys, self.values
+
+    def prefix_mask(self) -> mx.array:
+        return self._mask
+
+
+class _TrainingPrefix:
+    """What :meth:`Model.denoise` needs of a cache: ``layers`` and ``offset`` (one per row)."""
+
+    def __init__(self, layers: list, offset: mx.array):
+        self.layers, self.offset = layers, offset
+
+
+def _cut_mask(cut: mx.array, length: int, window: Optional[int], canvas_length: int) -> mx.array:
+    # Additive mask [B, 1, C, L] over the sequence keys for each row's canvas queries.
+    j = mx.arange(length)[None]
+    allowed = j < cut[:, None]
+    if window:
+        allowed = allowed & (j >= cut[:, None] - (window - 1))
+    mask = mx.where(allowed, 0.0, -mx.inf).astype(mx.float32)
+    return mx.broadcast_to(mask[:, None, None, :], (cut.shape[0], 1, canvas_length, length))
+
+
+def cross_entropy(logits: mx.array, targets: mx.array, valid: Optional[mx.array] = None) -> mx.array:
+    """Mean cross-entropy of float logits [..., V] against int targets [...] over ``valid``."""
+    ce = nn.losses.cross_entropy(logits, targets, reduction="none")
+    if valid is None:
+        return ce.mean()
+    valid = valid.astype(ce.dtype)
+    return (ce * valid).sum() / mx.maximum(valid.sum(), 1.0)
+
+
+def block_diffusion_loss(
+    model,
+    input_ids: mx.array,
+    attention_mask: mx.array,
+    response_mask: mx.array,
+    block_index: mx.array,
+    canvas_ids: mx.array,
+    self_conditioning_mask: mx.array,
+    *,
+    eos_id: int,
+    encoder_weight: float = 1.0,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """``(loss, diffusion_loss, encoder_loss)`` of one batch (scalars).
+
+    Args:
+        input_ids: int [B, L] clean sequences, right-padded.
+        attention_mask: [B, L], 1 on real tokens.
+        response_mask: [B, L], 1 on the supervised (response) tokens: one contiguous span a row.
+        block_index: int [B], the response block each example trains on.
+        canvas_ids: int [B, C], that block corrupted.
+        self_conditioning_mask: bool [B], rows whose second pass is self-conditioned.
+        eos_id: the id filling the canvas past the response's end.
+        encoder_weight: weight of the encoder's causal-LM loss.
+    """
+    args = model.args
+    C = canvas_ids.shape[1]
+    L = input_ids.shape[1]
+    targets, cut = canvas_targets(input_ids, response_mask, block_index, C, eos_id)
+
+    if not encoder_weight:
+        # Without the encoder loss only the tokens before the last block start are needed.
+        L = max(int(cut.max().item()), 1)
+        input_ids = input_ids[:, :L]
+    recorders = [_Recorder() for _ in model.layers]
+    hidden = model.encoder_pass(input_ids, recorders, 0)
+    if encoder_weight:
+        valid = attention_mask.astype(mx.bool_)
+        pairs = valid[:, :-1] & valid[:, 1:]
+        enc_logits = model.logits(hidden[:, :-1])
+        encoder_loss = cross_entropy(enc_logits, input_ids[:, 1:], pairs)
+    else:
+        encoder_loss = mx.array(0.0)
+
+    masks = {}
+    layers = []
+    for layer, rec in zip(model.layers, recorders):
+        window = args.sliding_window if layer.self_attn.is_sliding else None
+        if window not in masks:
+            masks[window] = _cut_mask(cut, L, window, C)
+        layers.append(_CutPrefix(rec.keys, rec.values, masks[window]))
+    prefix = _TrainingPrefix(layers, cut)
+
+    first = mx.stop_gradient(model.denoise(canvas_ids, prefix))
+    logits = model.denoise(
+        canvas_ids, prefix, first, self_conditioning_mask=self_conditioning_mask
+    )
+    diffusion_loss = cross_entropy(logits, targets)
+    return diffusion_loss + encoder_weight * encoder_loss, diffusion_loss, encoder_loss
