@@ -21,7 +21,7 @@ class ServerProcess:
     """``python -m dgemma_mlx serve --model CHECKPOINT --port 0 ...`` on the loopback interface; its
     stderr goes to ``log`` (shown when it fails to start)."""
 
-    def __init__(self, checkpoint: Path, log: Path, *args: str, timeout: float = 60.0):
+    def __init__(self, checkpoint: Path, log: Path, *args: str, timeout: float = 300.0):
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "PYTHONFAULTHANDLER": "1"}
         self.log = Path(log)

@@ -280,6 +280,29 @@ def test_browser_pages_of_allowed_origins_may_call_the_server(model, tokenizer):
         srv.close()
 
 
+class BaseModelTokenizer:
+    """The tokenizer without its chat template (a base model's)."""
+
+    has_chat_template = False
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_a_base_model_answers_completions_and_explains_that_chat_needs_a_template(model, tokenizer):
+    srv = ServerThread(model, BaseModelTokenizer(tokenizer), model_id="m")
+    try:
+        r = post(srv.base_url + "/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and "/v1/completions" in r.json()["error"]["message"]
+        r = post(srv.base_url + "/completions", {"model": "m", "prompt": "the sky", "max_tokens": 16, "steps": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+    finally:
+        srv.close()
+
+
 def test_serve_reports_a_taken_port_before_loading(capsys):
     sock = bind("127.0.0.1", 0)
     try:
