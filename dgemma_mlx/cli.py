@@ -281,8 +281,6 @@ def serve(
     )
 
 
-
-
 from . import cli_infill, cli_sudoku, train_cli  # noqa: E402,F401  (register infill, edit, sudoku, models, train, fuse)
 
 
