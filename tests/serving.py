@@ -18,30 +18,30 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class ServerProcess:
-    """``python -m dgemma_mlx serve --model CHECKPOINT --port 0 ...`` on the loopback interface."""
+    """``python -m dgemma_mlx serve --model CHECKPOINT --port 0 ...`` on the loopback interface; its
+    stderr goes to ``log`` (shown when it fails to start)."""
 
-    def __init__(self, checkpoint: Path, *args: str, timeout: float = 60.0):
-        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dgemma_mlx", "serve", "--model", str(checkpoint), "--port", "0", *args],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=REPO,
-        )
+    def __init__(self, checkpoint: Path, log: Path, *args: str, timeout: float = 300.0):
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "PYTHONFAULTHANDLER": "1"}
+        self.log = Path(log)
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dgemma_mlx", "serve", "--model", str(checkpoint), "--port", "0", *args],
+                stderr=err, stdout=subprocess.DEVNULL, text=True, env=env, cwd=REPO,
+            )
         self.base_url = self._wait_ready(timeout)
         self.url = self.base_url[: -len("/v1")]
 
     def _wait_ready(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
-        lines = []
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("Serving ") and " at " in line:
-                threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # keep draining
-                return line.rsplit(" at ", 1)[1].strip()
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            for line in self.log.read_text().splitlines():
+                if line.startswith("Serving ") and " at " in line:
+                    return line.rsplit(" at ", 1)[1].strip()
+            time.sleep(0.05)
         self.close()
-        raise RuntimeError("the server did not start:\n" + "".join(lines))
+        raise RuntimeError("the server did not start:\n" + self.log.read_text())
 
     @property
     def rss_bytes(self) -> int:

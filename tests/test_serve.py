@@ -33,10 +33,12 @@ QUESTIONS = ["the sky is blue", "is the sky blue?", "a blue sky", "the sky is a 
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
-    proc = ServerProcess(checkpoint, "--max-queue", "64")
+def server(checkpoint, tmp_path_factory):
+    proc = ServerProcess(checkpoint, tmp_path_factory.mktemp("serve") / "server.log", "--max-queue", "64")
     yield proc
     proc.close()
+    log = proc.log.read_text().splitlines()[1:]  # after the "Serving ..." line
+    assert not log, "the server logged:\n" + "\n".join(log)
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +276,29 @@ def test_browser_pages_of_allowed_origins_may_call_the_server(model, tokenizer):
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://ui.example"
         other = httpx.options(srv.base_url + "/chat/completions", headers={"Origin": "http://evil.example", **preflight})
         assert "access-control-allow-origin" not in other.headers
+    finally:
+        srv.close()
+
+
+class BaseModelTokenizer:
+    """The tokenizer without its chat template (a base model's)."""
+
+    has_chat_template = False
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_a_base_model_answers_completions_and_explains_that_chat_needs_a_template(model, tokenizer):
+    srv = ServerThread(model, BaseModelTokenizer(tokenizer), model_id="m")
+    try:
+        r = post(srv.base_url + "/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and "/v1/completions" in r.json()["error"]["message"]
+        r = post(srv.base_url + "/completions", {"model": "m", "prompt": "the sky", "max_tokens": 16, "steps": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
     finally:
         srv.close()
 

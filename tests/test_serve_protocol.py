@@ -52,7 +52,7 @@ def test_sampling_fields_this_model_does_not_use_are_accepted_and_ignored():
     assert req.settings == DEFAULTS
 
 
-@pytest.mark.parametrize("field, value", [("seed", True), ("seed", 1.5), ("steps", "4"), ("think", "yes"),
+@pytest.mark.parametrize("field, value", [("seed", True), ("seed", 1.5), ("seed", -1), ("steps", "4"), ("think", "yes"),
                                           ("stream", 1), ("logprobs", True), ("tools", [{"type": "function"}])])
 def test_wrongly_typed_or_unsupported_fields_are_400s_naming_the_field(field, value):
     with pytest.raises(APIError) as e:

@@ -120,9 +120,9 @@ class _Server:
     async def health(self, request: Request) -> Response:
         w = self.worker
         return JSONResponse({
-            "status": "ok", "model": self.model_id, "queued": w.queued, "busy": w.running is not None,
-            "max_queue": w.max_queue, "cached_tokens": w.cached_tokens, **w.counts,
-        })
+            "status": "ok" if w.alive else "worker stopped", "model": self.model_id, "queued": w.queued,
+            "busy": w.running is not None, "max_queue": w.max_queue, "cached_tokens": w.cached_tokens, **w.counts,
+        }, status_code=200 if w.alive else 503)
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
@@ -184,6 +184,10 @@ class _Server:
     def _chat_ids(self, req: ChatRequest) -> tuple[list[int], int, list]:
         """The conversation's ids, its split point (the end of the conversation before the
         generation prompt, which the next turn shares) and its processed images."""
+        if not getattr(self.tokenizer, "has_chat_template", False):
+            raise protocol.bad_request(
+                "this model has no chat template (a base model): send raw text to /v1/completions", "messages"
+            )
         images = self._images(req)
         messages = template_messages(req.messages)
         try:

@@ -267,6 +267,9 @@ def _settings(body: dict, defaults: GenerationSettings, max_tokens: Optional[int
         "entropy_bound": ("entropy_bound", _optional(body, "entropy_bound", float)),
         "seed": ("seed", _optional(body, "seed", int)),
     }
+    seed = values["seed"][1]
+    if seed is not None and not 0 <= seed < 2**64:
+        raise bad_request("'seed' must be between 0 and 2**64 - 1", "seed")
     settings = defaults
     for key, (name, value) in values.items():
         try:

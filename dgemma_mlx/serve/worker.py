@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
@@ -197,9 +198,19 @@ class GenerationWorker:
                 continue
             self.running = job
             try:
-                self._finish(job, self._generate(job))
+                finished = self._generate(job)
+            except BaseException as e:  # noqa: BLE001 - the thread must outlive any one job
+                traceback.print_exc()
+                self._new_cache()
+                finished = _failed(e)
             finally:
                 self.running = None
+            self._finish(job, finished)
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread is running (a dead worker would leave requests waiting forever)."""
+        return self._thread.is_alive()
 
     def _finish(self, job: Job, finished: Finished) -> None:
         key = {"done": "completed", "cancelled": "cancelled", "error": "failed"}[finished.status]
