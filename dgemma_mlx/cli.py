@@ -56,15 +56,16 @@ def default_model() -> str:
     return os.environ.get("DGEMMA_MODEL") or DEFAULT_MODEL
 
 
-def load_with_status(model: str, quiet: bool = False):
+def load_with_status(model: str, quiet: bool = False, adapter: Optional[str] = None):
     """Load ``(model, tokenizer)``: a repo id is first fetched into the Hugging Face cache (with
-    huggingface_hub's download progress), then a spinner shows while the weights load."""
+    huggingface_hub's download progress), then a spinner shows while the weights load.
+    ``adapter``: LoRA adapters (``dgemma train``) to apply."""
     from .loading import load, resolve_model_path
 
     path = resolve_model_path(model)
     status = err.status(f"Loading {model} …") if err.is_terminal and not quiet else nullcontext()
     with status:
-        return load(path)
+        return load(path, adapter_path=adapter)
 
 
 # Shared sampling options (generate and chat).
@@ -79,6 +80,7 @@ Think = typer.Option(False, "--think/--no-think", help="Let the model think befo
 ModelOpt = typer.Option(
     None, "--model", "-m", help=f"Local directory or Hugging Face repo id (default: $DGEMMA_MODEL, else {DEFAULT_MODEL})."
 )
+AdapterOpt = typer.Option(None, "--adapter", help="LoRA adapters trained with `dgemma train` (their directory).")
 
 
 def sampling_overrides(**values) -> dict:
@@ -123,6 +125,7 @@ def open_events(target: Optional[str]):
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt; '-' or a pipe reads it from stdin."),
     model: Optional[str] = ModelOpt,
+    adapter: Optional[str] = AdapterOpt,
     max_new_tokens: Optional[int] = MaxNewTokens,
     steps: Optional[int] = Steps,
     entropy_bound: Optional[float] = EntropyBound,
@@ -149,7 +152,7 @@ def generate(
     check_overrides(overrides)
     text = read_prompt(prompt)
     name = model or default_model()
-    mdl, tok = load_with_status(name, quiet)
+    mdl, tok = load_with_status(name, quiet, adapter)
     ids = build_prompt(tok, text, system=system, think=think, chat_template=not no_chat_template)
 
     out = Console(highlight=False)
@@ -178,6 +181,7 @@ def generate(
 @user_errors
 def chat(
     model: Optional[str] = ModelOpt,
+    adapter: Optional[str] = AdapterOpt,
     max_new_tokens: Optional[int] = MaxNewTokens,
     steps: Optional[int] = Steps,
     entropy_bound: Optional[float] = EntropyBound,
@@ -197,7 +201,7 @@ def chat(
     )
     check_overrides(overrides)
     name = model or default_model()
-    mdl, tok = load_with_status(name)
+    mdl, tok = load_with_status(name, adapter=adapter)
     session = ChatSession(
         mdl, tok, system=system, think=think, settings=default_settings(mdl).update(**overrides), verbose=verbose
     )
