@@ -108,3 +108,25 @@ def inference_loss(ref, ids, am, rm, block, canvas, sc, eos: int, encoder_weight
     dl = torch.cat(ces).mean()
     el = encoder_loss(ref, ids, am)
     return dl + encoder_weight * el, dl, el
+
+
+def write_jsonl(path, rows) -> None:
+    """Write ``rows`` (dicts) as JSON Lines into ``path`` (parents created)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def reverse_rows(n: int, digits: int, seed: int = 0) -> list[dict]:
+    """``n`` prompt/completion rows: a digit string and its reverse."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        x = "".join(rng.choice("0123456789") for _ in range(digits))
+        rows.append({"prompt": x, "completion": x[::-1]})
+    return rows

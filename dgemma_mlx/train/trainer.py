@@ -121,6 +121,7 @@ class Trainer:
         self.test_set = datasets.get("test")
         self.eos_id = eos_id if eos_id is not None else _eos_id(tokenizer, model)
         if args.fine_tune_type == "lora":
+            mx.random.seed(args.seed)  # the adapters' initial A: same seed, same run
             self.trainable = apply_lora(model, args.lora)
         else:
             model.unfreeze()
