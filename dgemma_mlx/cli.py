@@ -63,7 +63,8 @@ def default_model() -> str:
 
 def load_with_status(model: str, quiet: bool = False, adapter: Optional[str] = None):
     """Load ``(model, tokenizer)``: a repo id is first fetched into the Hugging Face cache (with
-    huggingface_hub's download progress), then a spinner shows while the weights load."""
+    huggingface_hub's download progress), then a spinner shows while the weights load.
+    ``adapter``: LoRA adapters (``dgemma train``) to apply."""
     from .loading import load, resolve_model_path
 
     path = resolve_model_path(model, default=model == DEFAULT_MODEL)

@@ -98,7 +98,7 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
     steps_per_report: Optional[int] = typer.Option(None, "--steps-per-report", help="Report the training loss every N steps (default 10)."),
     steps_per_eval: Optional[int] = typer.Option(None, "--steps-per-eval", help="Validation loss every N steps (default 200)."),
-    val_batches: Optional[int] = typer.Option(None, "--val-batches", help="Validation batches per evaluation (default 25)."),
+    val_batches: Optional[int] = typer.Option(None, "--val-batches", help="Validation batches per evaluation; -1: the whole set (default 25)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Resumable checkpoint every N steps (default 100)."),
     resume_adapter_file: Optional[str] = typer.Option(None, "--resume-adapter-file", help="Continue from OUT/checkpoint, or start from saved adapters."),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute MLP activations in the backward pass (less memory)."),

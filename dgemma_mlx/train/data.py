@@ -227,10 +227,11 @@ def iterate_batches(dataset: Dataset, batch_size: int, seed: int, start: int = 0
 
 
 def fixed_batches(dataset: Dataset, batch_size: int, limit: Optional[int] = None) -> list[Batch]:
-    """The dataset in order, in batches (evaluation); at most ``limit`` batches."""
+    """The dataset in order, in batches (evaluation); at most ``limit`` batches (None or
+    negative: all)."""
     out = []
     for i in range(0, len(dataset), batch_size):
-        if limit is not None and len(out) >= limit:
+        if limit is not None and 0 <= limit <= len(out):
             break
         out.append(collate(dataset.examples[i : i + batch_size]))
     return out

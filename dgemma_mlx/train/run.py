@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -68,6 +69,7 @@ def run_test(model, data, args: TrainingArgs, *, adapter: Optional[Path] = None)
     datasets = load_datasets(data, tokenizer, m.args.eos_token_ids, args.max_seq_length)
     if "test" not in datasets:
         raise DGemmaError(f"{data}: no test.jsonl found")
-    args.fine_tune_type = "full"
+    # Evaluation only: no adapters to add, no steps to schedule (``--iters 0 --test``).
+    args = replace(args, fine_tune_type="full", from_scratch=False, iters=max(args.iters, 1), warmup=0)
     trainer = Trainer(m, tokenizer, datasets, args, Path("."), source=None)
     return trainer.evaluate(datasets["test"], None)

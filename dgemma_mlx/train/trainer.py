@@ -67,6 +67,21 @@ class TrainingArgs:
                 raise DGemmaError(f"--{name.replace('_', '-')} must be at least 1")
         if self.learning_rate <= 0:
             raise DGemmaError("--learning-rate must be positive")
+        if self.max_seq_length <= 0:
+            raise DGemmaError("--max-seq-length must be at least 1")
+        if self.val_batches == 0:
+            raise DGemmaError("--val-batches must be at least 1 (or -1: the whole validation set)")
+        if self.seed < 0:
+            raise DGemmaError("--seed must be non-negative")
+        if self.encoder_loss_weight < 0:
+            raise DGemmaError("--encoder-loss-weight must be non-negative")
+        if self.weight_decay < 0 or self.min_learning_rate < 0:
+            raise DGemmaError("--weight-decay and --min-learning-rate must be non-negative")
+        if self.fine_tune_type == "lora":
+            if self.lora.rank <= 0:
+                raise DGemmaError(f"--lora-rank must be at least 1 (got {self.lora.rank})")
+            if not 0 <= self.lora.dropout < 1:
+                raise DGemmaError(f"--lora-dropout must be in [0, 1) (got {self.lora.dropout})")
         if not 0 <= self.noise_min < self.noise_max <= 1:
             raise DGemmaError("corruption ratios need 0 <= noise-min < noise-max <= 1")
         if not 0 <= self.self_conditioning_p <= 1:
@@ -84,8 +99,12 @@ def learning_rate_schedule(args: TrainingArgs):
     return optim.join_schedules([warm, decay], [args.warmup])
 
 
+EVAL_STREAM = 2**32 - 1  # the "iteration" of evaluation draws: one no training step reaches
+
+
 def step_key(seed: int, iteration: int, micro: int = 0) -> mx.array:
-    """The random key of one (micro-)batch: a function of the seed and the position only."""
+    """The random key of one (micro-)batch: a function of the seed and the position only
+    (all non-negative)."""
     return mx.random.key(int(np.random.default_rng((seed, iteration, micro)).integers(0, 2**62)))
 
 
@@ -126,6 +145,7 @@ class Trainer:
         self.test_set = datasets.get("test")
         self.eos_id = eos_id if eos_id is not None else _eos_id(tokenizer, model)
         if args.fine_tune_type == "lora":
+            mx.random.seed(args.seed)  # the adapters' initial A: same seed, same run
             self.trainable = apply_lora(model, args.lora)
         else:
             model.unfreeze()
@@ -151,7 +171,8 @@ class Trainer:
         )
 
     def evaluate(self, dataset: Dataset, limit: Optional[int]) -> tuple[float, float, float]:
-        """Mean (loss, diffusion, encoder) over the first ``limit`` batches, with fixed draws."""
+        """Mean (loss, diffusion, encoder) over the first ``limit`` batches (all when ``limit`` is
+        None or negative), with fixed draws."""
         self.model.eval()
         totals = np.zeros(3)
         batches = fixed_batches(dataset, self.args.batch_size, limit)
