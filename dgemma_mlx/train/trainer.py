@@ -30,6 +30,7 @@ from .objective import EPS, block_diffusion_loss, sample_draws
 
 FINE_TUNE_TYPES = ("lora", "full")
 STATE_FILE = "trainer_state.json"
+EVAL_STREAM = 2**62  # the iteration number of evaluation's fixed draws: one no training step reaches
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
@@ -151,7 +152,7 @@ class Trainer:
         totals = np.zeros(3)
         batches = fixed_batches(dataset, self.args.batch_size, limit)
         for i, batch in enumerate(batches):
-            out = self._loss(batch, step_key(self.args.seed, -1, i))
+            out = self._loss(batch, step_key(self.args.seed, EVAL_STREAM, i))
             mx.eval(out)
             totals += [float(x) for x in out]
         self.model.train()
