@@ -30,6 +30,7 @@ from .objective import EPS, block_diffusion_loss, sample_draws
 
 FINE_TUNE_TYPES = ("lora", "full")
 STATE_FILE = "trainer_state.json"
+EVAL_STREAM = 2**62  # the iteration number of evaluation's fixed draws: one no training step reaches
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
