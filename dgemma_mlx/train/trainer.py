@@ -30,7 +30,6 @@ from .objective import EPS, block_diffusion_loss, sample_draws
 
 FINE_TUNE_TYPES = ("lora", "full")
 STATE_FILE = "trainer_state.json"
-EVAL_STREAM = 2**62  # the iteration number of evaluation's fixed draws: one no training step reaches
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
@@ -98,9 +97,6 @@ def learning_rate_schedule(args: TrainingArgs):
         return decay
     warm = optim.linear_schedule(args.learning_rate / args.warmup, args.learning_rate, args.warmup)
     return optim.join_schedules([warm, decay], [args.warmup])
-
-
-EVAL_STREAM = 2**32 - 1  # the "iteration" of evaluation draws: one no training step reaches
 
 
 def step_key(seed: int, iteration: int, micro: int = 0) -> mx.array:
