@@ -21,7 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .adapters import load_adapters, untie_for_weights
-from .bundled import bundled_path
+from .bundled import bundled_names, bundled_path
 from .config import ModelArgs
 from .errors import DGemmaError
 from .model import Model, Source
@@ -35,19 +35,19 @@ def looks_like_repo_id(name: str) -> bool:
     return bool(REPO_ID.match(name)) and not name.startswith((".", "/", "~"))
 
 
-BUNDLED_MODELS: tuple[str, ...] = ()
 """Names of models that ship with the package and load without the network (none yet)."""
 
 
 def default_model_unavailable(name: str) -> str:
     """The error for the default model when it is neither cached nor reachable (offline, no
-    network): what to pass instead, including any :data:`BUNDLED_MODELS`."""
+    network): what to pass instead, including the bundled models (``dgemma models``)."""
     message = (
         f"cannot fetch the default model '{name}': it is not in the Hugging Face cache and the Hub "
         "cannot be reached; pass a local --model PATH"
     )
-    if BUNDLED_MODELS:
-        message += " or a bundled model (" + ", ".join(BUNDLED_MODELS) + ")"
+    names = bundled_names()
+    if names:
+        message += ", or a bundled model that needs no download: " + ", ".join(f"--model {n}" for n in names)
     return message
 
 
