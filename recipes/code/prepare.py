@@ -24,6 +24,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from dgemma_mlx.settings import REFERENCE_GENERATION_CONFIG
+
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 VOCAB = 4096
 SKIP_DIRS = {"test", "tests", "site-packages", "idle_test", "__pycache__", "lib2to3", "turtledemo"}
@@ -53,12 +55,7 @@ TEXT_CONFIG = dict(
 )
 CANVAS = 64
 GENERATION_CONFIG = {
-    "max_denoising_steps": 48,
-    "t_max": 0.8,
-    "t_min": 0.4,
-    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
+    **REFERENCE_GENERATION_CONFIG,  # the reference sampler
     "max_new_tokens": 128,
     "bos_token_id": 2,
     "eos_token_id": [1],

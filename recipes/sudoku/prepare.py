@@ -18,6 +18,7 @@ import random
 from pathlib import Path
 
 from dgemma_mlx import sudoku
+from dgemma_mlx.settings import REFERENCE_GENERATION_CONFIG
 
 # The model: DiffusionGemma's architecture, small. Measured on 2 CPU cores (see README.md).
 TEXT_CONFIG = dict(
@@ -44,12 +45,7 @@ TEXT_CONFIG = dict(
     pad_token_id=0,
 )
 GENERATION_CONFIG = {
-    "max_denoising_steps": 48,
-    "t_max": 0.8,
-    "t_min": 0.4,
-    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
+    **REFERENCE_GENERATION_CONFIG,  # the reference sampler
     "max_new_tokens": 81,
     "bos_token_id": 2,
     "eos_token_id": [1],
