@@ -41,7 +41,10 @@ def save_model(model, source: Optional[Path], dst: Path, *, dtype: Optional[mx.D
         json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
     )
     float_dtype = next((v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)), mx.float32)
-    config = _output_config(load_config(source), str(float_dtype).split(".")[-1], model.args.quantization)
+    # The vision config stays only when the model carries the vision tower.
+    config = _output_config(
+        load_config(source), str(float_dtype).split(".")[-1], model.args.quantization, vision="vision_tower" in model
+    )
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     _copy_tokenizer(source, dst)
     if (source / "generation_config.json").is_file():
