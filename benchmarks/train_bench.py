@@ -57,18 +57,10 @@ def parse_args(argv=None):
 
 
 def maybe_preload(args) -> None:
-    from bench import find_openblas
-    from workers import openblas_loaded
+    """Re-run this script with OpenBLAS preloaded on Linux (the benchmarks' shared helper)."""
+    from probe import maybe_reexec_with_openblas
 
-    if not sys.platform.startswith("linux") or args.no_preload or os.environ.get("DGEMMA_BENCH_REEXEC"):
-        return
-    if "openblas" in os.environ.get("LD_PRELOAD", "") or openblas_loaded():
-        return
-    lib = find_openblas()
-    if lib is None:
-        return
-    env = {**os.environ, "LD_PRELOAD": lib, "DGEMMA_BENCH_REEXEC": "1"}
-    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve())] + sys.argv[1:], env)
+    maybe_reexec_with_openblas(args, lambda msg: print(msg, file=sys.stderr), script=__file__)
 
 
 def make_batch(args, vocab: int, canvas: int):
