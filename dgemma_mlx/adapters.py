@@ -27,7 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import DGemmaError
-from .files import atomic_dir, atomic_write_bytes
+from .files import atomic_dir
 
 TARGETS = (
     "self_attn.q_proj",

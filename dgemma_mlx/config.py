@@ -177,3 +177,28 @@ class ModelArgs:
             raise DGemmaError("config.json: sliding_window must be at least 2")
         if self.canvas_length <= 0:
             raise DGemmaError("config.json: canvas_length must be positive")
+
+
+def small_model_config(canvas_length: int, **shape: Any) -> dict[str, Any]:
+    """A ``config.json`` (the released form) for a small DiffusionGemma-architecture model: the
+    text shape given (vocab, widths, layers, heads, experts, window, positions) with the
+    reference's fixed choices (norm epsilon, soft cap, activation, causal text in the encoder,
+    special ids). The recipes in ``recipes/`` train these from scratch."""
+    text = dict(
+        rms_norm_eps=1e-6,
+        final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh",
+        use_bidirectional_attention="vision",
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    text.update(shape)
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": ["DiffusionGemmaForBlockDiffusion"],
+        "canvas_length": canvas_length,
+        "eos_token_id": [1],
+        "text_config": text,
+        "tie_word_embeddings": True,
+    }

@@ -24,13 +24,14 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from dgemma_mlx.config import small_model_config
 from dgemma_mlx.settings import REFERENCE_GENERATION_CONFIG
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 VOCAB = 4096
 SKIP_DIRS = {"test", "tests", "site-packages", "idle_test", "__pycache__", "lib2to3", "turtledemo"}
 
-TEXT_CONFIG = dict(
+TEXT_SHAPE = dict(  # the rest of the config: dgemma_mlx.config.small_model_config
     vocab_size=VOCAB,
     hidden_size=192,
     intermediate_size=384,
@@ -45,13 +46,6 @@ TEXT_CONFIG = dict(
     num_experts=4,
     top_k_experts=2,
     max_position_embeddings=4096,
-    rms_norm_eps=1e-6,
-    final_logit_softcapping=30.0,
-    hidden_activation="gelu_pytorch_tanh",
-    use_bidirectional_attention="vision",
-    bos_token_id=2,
-    eos_token_id=1,
-    pad_token_id=0,
 )
 CANVAS = 64
 GENERATION_CONFIG = {
@@ -180,10 +174,7 @@ def main() -> None:
     base = a.out / "base"
     base.mkdir(parents=True, exist_ok=True)
     train_tokenizer(files["train"], base)
-    config = {
-        "model_type": "diffusion_gemma", "architectures": ["DiffusionGemmaForBlockDiffusion"],
-        "canvas_length": CANVAS, "eos_token_id": [1], "text_config": TEXT_CONFIG, "tie_word_embeddings": True,
-    }
+    config = small_model_config(CANVAS, **TEXT_SHAPE)
     (base / "config.json").write_text(json.dumps(config, indent=2))
     (base / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     from transformers import AutoTokenizer

@@ -18,10 +18,11 @@ import random
 from pathlib import Path
 
 from dgemma_mlx import sudoku
+from dgemma_mlx.config import small_model_config
 from dgemma_mlx.settings import REFERENCE_GENERATION_CONFIG
 
 # The model: DiffusionGemma's architecture, small. Measured on 2 CPU cores (see README.md).
-TEXT_CONFIG = dict(
+TEXT_SHAPE = dict(  # the rest of the config: dgemma_mlx.config.small_model_config
     vocab_size=sudoku.VOCAB_SIZE,
     hidden_size=128,
     intermediate_size=256,
@@ -36,13 +37,6 @@ TEXT_CONFIG = dict(
     num_experts=4,
     top_k_experts=2,
     max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-    final_logit_softcapping=30.0,
-    hidden_activation="gelu_pytorch_tanh",
-    use_bidirectional_attention="vision",
-    bos_token_id=2,
-    eos_token_id=1,
-    pad_token_id=0,
 )
 GENERATION_CONFIG = {
     **REFERENCE_GENERATION_CONFIG,  # the reference sampler
@@ -69,14 +63,7 @@ def write_tokenizer(path: Path) -> None:
 
 def write_base(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model_type": "diffusion_gemma",
-        "architectures": ["DiffusionGemmaForBlockDiffusion"],
-        "canvas_length": 81,
-        "eos_token_id": [1],
-        "text_config": TEXT_CONFIG,
-        "tie_word_embeddings": True,
-    }
+    config = small_model_config(81, **TEXT_SHAPE)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     write_tokenizer(path)
