@@ -5,8 +5,9 @@ The math is one: softmax (scale 1.0) of q against the keys of every *part* (the 
 new tokens), each with an optional additive mask. Two implementations, chosen by the kernel switch
 (:func:`dgemma_mlx.ops.cpu_kernels`):
 
-* ``fused`` (Metal, CUDA): the parts' keys/values are concatenated and one
-  ``mx.fast.scaled_dot_product_attention`` does the rest (grouped-query heads included).
+* ``fused`` (Metal, CUDA): one ``mx.fast.scaled_dot_product_attention`` over the parts' keys/values
+  (grouped-query heads included): concatenated on sliding layers (a window's worth), and on
+  full-attention layers read as one range of the cache buffer, the canvas written past the prefix.
 * ``cpu`` (MLX's CPU backend), where each op runs on one core and concatenating the prefix costs a
   copy of it: one softmax merged across the parts without concatenating them, scores in log2
   units so the exponentials are powers of 2 (twice as fast as ``exp`` there), and the kv-head groups
@@ -21,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .cache import SlidingWindowCache
+from .cache import FullAttentionCache, SlidingWindowCache
 from .config import SLIDING, ModelArgs
 from .ops import LOG2E, compute_streams, cpu_kernels, rms_norm_noscale, shifted_exp2, split_range
 
@@ -94,8 +95,12 @@ class Attention(nn.Module):
     def denoise(self, x: mx.array, cache, offset: int) -> mx.array:
         """Bidirectional attention of the canvas over the cached prefix and the whole canvas.
 
-        The prefix is read in place: it is never concatenated with the canvas keys."""
+        The prefix is read in place: it is never concatenated with the canvas keys (the fused
+        kernel reads a full-attention layer's prefix and canvas as one range of its buffer)."""
         q, k, v = self._qkv(x, offset)
+        if (not cpu_kernels() and isinstance(cache, FullAttentionCache) and cache.offset
+                and cache.keys.shape[0] == k.shape[0] and cache.keys.dtype == k.dtype):
+            return self._out(attend(q, [(*cache.with_canvas(k, v), None)]))
         prefix = cache.prefix() if cache is not None else None
         parts = [(k, v, None)] if prefix is None else [(*prefix, cache.prefix_mask()), (k, v, None)]
         return self._out(attend(q, parts))

@@ -9,7 +9,9 @@ Keys and values are stored per layer as ``[B, kv_heads, T, head_dim]`` with RoPE
   exactly what a canvas placed after the prefix may attend to. Their memory does not grow with the
   prompt.
 
-``denoise`` only reads :meth:`prefix` views, so it never modifies the cache.
+``denoise`` never changes what the cache holds: it reads :meth:`prefix` views (and, with the fused
+kernels, writes the canvas into a full-attention buffer's room past the prefix, see
+:meth:`FullAttentionCache.with_canvas`).
 For multi-turn chat, :meth:`PrefixCache.checkpoint` remembers the sliding windows at the current
 length so the cache can later be rewound to it (:meth:`PrefixCache.rewind`).
 """
@@ -70,6 +72,18 @@ class FullAttentionCache(_LayerCache):
         self.keys[..., self.offset : end, :] = keys
         self.values[..., self.offset : end, :] = values
         self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def with_canvas(self, keys: mx.array, values: mx.array) -> KV:
+        """Views of the prefix followed by a canvas's ``[B, H, C, D]`` keys/values, which are
+        written into the buffer's room after the prefix (grown when needed). :attr:`offset` does
+        not move, so the cache's content is unchanged (the next :meth:`append` overwrites the
+        room): one contiguous key range for a fused attention kernel, without copying the prefix."""
+        end = self.offset + keys.shape[2]
+        if end > self.capacity:
+            self._grow(keys, values, end)
+        self.keys[..., self.offset : end, :] = keys
+        self.values[..., self.offset : end, :] = values
         return self.keys[..., :end, :], self.values[..., :end, :]
 
     def prefix(self) -> Optional[KV]:

@@ -60,6 +60,15 @@ class Experts(nn.Module):
         return "grouped" if cpu_kernels() and not self.quantized else "gather"
 
     @property
+    def host_syncs(self) -> bool:
+        """Whether a call waits for the device (the grouped strategy reads the routing counts),
+        which rules out ``mx.compile``."""
+        strategy = self.resolved_strategy()
+        if strategy == "dense" and not self.quantized:
+            return False
+        return strategy == "grouped" or self._needs_plain_matmul
+
+    @property
     def _needs_plain_matmul(self) -> bool:
         # MLX's CPU gather_mm takes float32 only (its gather_qmm handles every dtype).
         return on_cpu() and not self.quantized and self.gate_up_proj.weight.dtype != mx.float32

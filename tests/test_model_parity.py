@@ -146,14 +146,15 @@ def test_chunked_encode_equals_one_pass(model, rng):
 def test_denoise_leaves_cache_unchanged_and_is_repeatable(model, rng):
     prompt, canvas, sc = random_case(rng, model, 19)
     cache = our_encode(model, [prompt])
-    before = [np.array(a) for a in cache.arrays()]
+    content = lambda: [np.array(a) for layer in cache.layers for a in layer.prefix()]
+    before = content()
     offset = cache.offset
     first = our_denoise(model, cache, canvas, sc)
     second = our_denoise(model, cache, canvas, sc)
     assert np.array_equal(first, second)
     assert cache.offset == offset
-    for a, b in zip(before, cache.arrays()):
-        assert np.array_equal(a, np.array(b))
+    for a, b in zip(before, content()):
+        assert np.array_equal(a, b)
 
 
 def test_self_conditioning_probs_equal_self_conditioning_logits(model, rng):
@@ -235,3 +236,22 @@ def test_the_fused_path_runs_mlx_fused_attention_and_the_cpu_path_does_not(model
     cache = our_encode(model, [[2, 5, 7]])
     our_denoise(model, cache, list(range(model.args.canvas_length)))
     assert bool(calls) == (kernels == "fused")
+
+
+def test_denoising_leaves_the_cache_content_unchanged(model, rng, kernels):
+    """The fused path writes the canvas into a full-attention buffer's room past the prefix:
+    the prefix, the offset and the next commit are as if no canvas had been denoised."""
+    V, C = model.args.vocab_size, model.args.canvas_length
+    prompt, block = rng.integers(4, V, 40).tolist(), rng.integers(4, V, C).tolist()
+    touched, clean = our_encode(model, [prompt]), our_encode(model, [prompt])
+    for _ in range(2):
+        our_denoise(model, touched, rng.integers(4, V, C).tolist())
+    model.encode(mx.array(block)[None], touched)
+    model.encode(mx.array(block)[None], clean)
+    assert touched.offset == clean.offset == len(prompt) + C
+    for a, b in zip(touched.layers, clean.layers):
+        ka, va = a.prefix()
+        kb, vb = b.prefix()
+        assert mx.array_equal(ka, kb) and mx.array_equal(va, vb)
+    canvas = rng.integers(4, V, C).tolist()
+    np.testing.assert_array_equal(our_denoise(model, touched, canvas), our_denoise(model, clean, canvas))

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
-import mlx.nn as nn
+import numpy as np
 
 from ..cache import _LayerCache
+from ..ops import LOG2E, shifted_exp2
 
 EPS = 1e-3  # minimum corruption ratio (TRL's eps): avoids uncorrupted canvases
 
@@ -101,6 +102,15 @@ def sample_draws(
     return Draws(block_index, canvas, sc, targets)
 
 
+def prefix_length(response_mask, block_index, canvas_length: int) -> int:
+    """Tokens the encoder must read without the encoder loss: the largest block start (>= 1).
+    ``response_mask`` [B, L] and ``block_index`` [B], numpy or MLX."""
+    rm = np.asarray(response_mask).astype(bool)
+    start = rm.argmax(axis=1)
+    cut = start + np.asarray(block_index).astype(np.int64) * canvas_length
+    return max(int(cut.max()), 1)
+
+
 class _Recorder(_LayerCache):
     """Layer cache for the training encoder: keeps the keys/values of the whole sequence."""
 
@@ -142,7 +152,10 @@ def _cut_mask(cut: mx.array, length: int, window: Optional[int], canvas_length: 
 
 def cross_entropy(logits: mx.array, targets: mx.array, valid: Optional[mx.array] = None) -> mx.array:
     """Mean cross-entropy of float logits [..., V] against int targets [...] over ``valid``."""
-    ce = nn.losses.cross_entropy(logits, targets, reduction="none")
+    logits = logits.astype(mx.float32)
+    m = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    lse = m[..., 0] + mx.log(shifted_exp2(logits * LOG2E, m * LOG2E).sum(axis=-1))
+    ce = lse - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     if valid is None:
         return ce.mean()
     valid = valid.astype(ce.dtype)
@@ -160,6 +173,7 @@ def block_diffusion_loss(
     *,
     eos_id: int,
     encoder_weight: float = 1.0,
+    prefix_length: Optional[int] = None,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """``(loss, diffusion_loss, encoder_loss)`` of one batch (scalars).
 
@@ -172,6 +186,9 @@ def block_diffusion_loss(
         self_conditioning_mask: bool [B], rows whose second pass is self-conditioned.
         eos_id: the id filling the canvas past the response's end.
         encoder_weight: weight of the encoder's causal-LM loss.
+        prefix_length: without the encoder loss, how many leading tokens to encode (at least the
+            largest block start, see :func:`prefix_length`); computed here when not given (a host
+            synchronisation, so a compiled step passes it).
     """
     args = model.args
     C = canvas_ids.shape[1]
@@ -180,7 +197,7 @@ def block_diffusion_loss(
 
     if not encoder_weight:
         # Without the encoder loss only the tokens before the last block start are needed.
-        L = max(int(cut.max().item()), 1)
+        L = prefix_length or max(int(cut.max().item()), 1)
         input_ids = input_ids[:, :L]
     recorders = [_Recorder() for _ in model.layers]
     hidden = model.encoder_pass(input_ids, recorders, 0)

@@ -26,11 +26,12 @@ from ..errors import DGemmaError
 from ..files import atomic_dir
 from .checkpoint import save_model
 from .data import Batch, Dataset, fixed_batches, iterate_batches
-from .objective import EPS, block_diffusion_loss, sample_draws
+from .objective import EPS, block_diffusion_loss, prefix_length, sample_draws
 
 FINE_TUNE_TYPES = ("lora", "full")
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+COMPILED_LENGTH_MULTIPLE = 64
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TrainingArgs:
     noise_max: float = 1.0
     self_conditioning_p: float = 0.5
     grad_checkpoint: bool = False
+    compile: bool = True  # compile the step (with grad_accumulation_steps == 1)
     lora: AdapterConfig = field(default_factory=AdapterConfig)
 
     def validate(self) -> None:
@@ -153,19 +155,55 @@ class Trainer:
         self.iteration = 0
         self.history: list[dict] = []
         self._loss_and_grad = nn.value_and_grad(model, self._loss)
+        self._compiled: dict = {}
 
     # ------------------------------------------------------------------------------ the step
-    def _loss(self, batch: Batch, key: mx.array):
+    def _draws(self, batch: Batch, key: mx.array) -> tuple:
+        """The step's inputs: ``(input_ids, attention_mask, response_mask, block_index, canvas_ids,
+        self_conditioning_mask)`` and the encoder length needed (see :func:`prefix_length`)."""
         m, a = self.model, self.args
         ids, rm = mx.array(batch.input_ids), mx.array(batch.response_mask)
         d = sample_draws(
             key, ids, rm, canvas_length=m.args.canvas_length, vocab_size=m.args.vocab_size,
             eos_id=self.eos_id, t_range=(a.noise_min, a.noise_max), self_conditioning_p=a.self_conditioning_p,
         )
+        inputs = (ids, mx.array(batch.attention_mask), rm, d.block_index, d.canvas_ids, d.self_conditioning_mask)
+        length = None if a.encoder_loss_weight else prefix_length(batch.response_mask, d.block_index, m.args.canvas_length)
+        return inputs, length
+
+    def _objective(self, *inputs, prefix_length: Optional[int] = None):
         return block_diffusion_loss(
-            m, ids, mx.array(batch.attention_mask), rm, d.block_index, d.canvas_ids,
-            d.self_conditioning_mask, eos_id=self.eos_id, encoder_weight=a.encoder_loss_weight,
+            self.model, *inputs, eos_id=self.eos_id, encoder_weight=self.args.encoder_loss_weight,
+            prefix_length=prefix_length,
         )
+
+    def _loss(self, batch: Batch, key: mx.array):
+        inputs, length = self._draws(batch, key)
+        return self._objective(*inputs, prefix_length=length)
+
+    @property
+    def compilable(self) -> bool:
+        """Whether steps run compiled: asked for, no gradient accumulation, and no expert
+        strategy that waits for the device inside the step."""
+        return (self.args.compile and self.args.grad_accumulation_steps == 1
+                and not any(layer.experts.host_syncs for layer in self.model.layers))
+
+    def _compiled_step(self, length: Optional[int]):
+        """One optimizer step (gradient and update) compiled into one graph: MLX fuses the
+        elementwise work of the forward and backward passes (about twice as fast on the CPU).
+        One compiled step per encoder length (a Python constant of the graph)."""
+        if length not in self._compiled:
+            model, optimizer = self.model, self.optimizer
+            grad_fn = nn.value_and_grad(model, lambda *x: self._objective(*x, prefix_length=length))
+            state = [model.state, optimizer.state, mx.random.state]
+
+            def step(*inputs):
+                out, grads = grad_fn(*inputs)
+                optimizer.update(model, grads)
+                return mx.stack(list(out))
+
+            self._compiled[length] = mx.compile(step, inputs=state, outputs=state)
+        return self._compiled[length]
 
     def evaluate(self, dataset: Dataset, limit: Optional[int]) -> tuple[float, float, float]:
         """Mean (loss, diffusion, encoder) over the first ``limit`` batches (all when ``limit`` is
@@ -184,6 +222,15 @@ class Trainer:
         a = self.args
         grads, totals, tokens = None, np.zeros(3), 0
         batches = self._batches
+        if self.compilable:
+            _, batch = next(batches)
+            batch = _pad_batch(batch, COMPILED_LENGTH_MULTIPLE)
+            mx.random.seed(int(np.random.default_rng((a.seed, self.iteration, 0, 7)).integers(0, 2**31)))
+            inputs, length = self._draws(batch, step_key(a.seed, self.iteration, 0))
+            out = self._compiled_step(length)(*inputs)
+            mx.eval(out, self.model.parameters(), self.optimizer.state)
+            self.iteration += 1
+            return np.array(out, dtype=np.float64), batch.tokens
         for micro in range(a.grad_accumulation_steps):
             _, batch = next(batches)
             mx.random.seed(int(np.random.default_rng((a.seed, self.iteration, micro, 7)).integers(0, 2**31)))
@@ -319,6 +366,17 @@ class Trainer:
         self.optimizer.state = tree_unflatten(list(opt.items()))
         self.iteration = iteration
         self.history = list(state.get("history", []))
+
+
+def _pad_batch(batch: Batch, multiple: int) -> Batch:
+    """Right-pad a batch to a length multiple of ``multiple``: padding is outside every mask, so
+    the loss is unchanged, and a compiled step sees few distinct shapes (each one compiles once)."""
+    B, L = batch.input_ids.shape
+    pad = -L % multiple
+    if not pad:
+        return batch
+    grow = lambda x: np.pad(x, ((0, 0), (0, pad)))
+    return Batch(grow(batch.input_ids), grow(batch.attention_mask), grow(batch.response_mask))
 
 
 def _load_adapter_weights(model, path: Path) -> None:
