@@ -16,7 +16,7 @@ CONFIG_KEYS = {
     "grad_accumulation_steps", "learning_rate", "min_learning_rate", "warmup", "weight_decay",
     "max_seq_length", "seed", "steps_per_report", "steps_per_eval", "val_batches", "save_every",
     "resume_adapter_file", "grad_checkpoint", "test", "encoder_loss_weight", "noise_min", "noise_max",
-    "self_conditioning_p", "lora_rank", "lora_alpha", "lora_dropout", "lora_scale", "lora_mode", "force",
+    "self_conditioning_p", "lora_rank", "lora_alpha", "lora_dropout", "lora_scale", "lora_mode", "force", "compile",
 }
 
 
@@ -102,6 +102,7 @@ def train(
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Resumable checkpoint every N steps (default 100)."),
     resume_adapter_file: Optional[str] = typer.Option(None, "--resume-adapter-file", help="Continue from OUT/checkpoint, or start from saved adapters."),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute MLP activations in the backward pass (less memory)."),
+    no_compile: bool = typer.Option(False, "--no-compile", help="Run steps uncompiled (by default a step compiles into one graph when the experts allow it)."),
     test: bool = typer.Option(False, "--test", help="After training (or instead, with --iters 0), report the test-set loss."),
     encoder_loss_weight: Optional[float] = typer.Option(None, "--encoder-loss-weight", help="Weight of the encoder's causal-LM loss (default 1.0)."),
     noise_min: Optional[float] = typer.Option(None, "--noise-min", help="Lowest corruption ratio t (default 1e-3)."),
@@ -136,6 +137,8 @@ def train(
     model_name, data, out = options.pop("model"), options.pop("data"), Path(options.pop("adapter_path"))
     resume = options.pop("resume_adapter_file", None)
     do_test, force = options.pop("test", False), options.pop("force", False)
+    if options.pop("no_compile", False):
+        options["compile"] = False
     if options.get("from_scratch"):
         options.setdefault("fine_tune_type", "full")
     try:
