@@ -143,6 +143,29 @@ def available(impl: str) -> Optional[str]:
     return f"not importable ({', '.join(missing)} missing)" if missing else None
 
 
+def measure_machine(machine: dict, when: str, torch_threads: int, workdir: Path, say) -> None:
+    """Measure the machine's float32 GEMM rates now (a worker subprocess); append to ``machine["gemm"]``."""
+    r, _ = run_worker({"impl": "machine", "torch_threads": torch_threads}, workdir, 600, say)
+    r["when"] = when
+    machine.setdefault("gemm", []).append(r)
+
+
+def run_impls(report: dict, impls: list[str], base_task: dict, workdir: Path, timeout: float, console) -> None:
+    """Run each available implementation's worker in turn on ``base_task``; results (or why an
+    implementation was skipped) go into ``report["results"]`` / ``report["skipped"]``."""
+    for impl in impls:
+        why = available(impl)
+        if why:
+            console.print(f"[yellow]{impl}: skipped, {why}[/]")
+            report["skipped"][impl] = why
+            continue
+        console.print(f"[bold]── {impl}[/]")
+        result, err = run_worker(dict(base_task, impl=impl), workdir, timeout, console.print)
+        if err:
+            console.print(f"[red]{impl}: {err}[/]")
+        report["results"][impl] = result
+
+
 # -------------------------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> int:
     from rich.console import Console
@@ -196,28 +219,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         "torch_threads": args.torch_threads, "seed": args.seed, "verify_dir": None if args.no_verify else str(vdir),
     }
     try:
-        gemm = []
-
-        def measure_machine(when: str) -> None:
-            r, err = run_worker({"impl": "machine", "torch_threads": args.torch_threads}, workdir, 600, console.print)
-            r["when"] = when
-            gemm.append(r)
-            report["machine"]["gemm"] = gemm
-
         console.print("measuring the machine's float32 GEMM rate ...")
-        measure_machine("start")
-        for impl in args.impl:
-            why = available(impl)
-            if why:
-                console.print(f"[yellow]{impl}: skipped, {why}[/]")
-                report["skipped"][impl] = why
-                continue
-            console.print(f"[bold]── {impl}[/]")
-            result, err = run_worker(dict(base_task, impl=impl), workdir, args.timeout, console.print)
-            if err:
-                console.print(f"[red]{impl}: {err}[/]")
-            report["results"][impl] = result
-        measure_machine("end")
+        measure_machine(report["machine"], "start", args.torch_threads, workdir, console.print)
+        run_impls(report, args.impl, base_task, workdir, args.timeout, console)
+        measure_machine(report["machine"], "end", args.torch_threads, workdir, console.print)
         report["machine"]["loadavg_end"] = loadavg()
         if not args.no_verify:
             verify(report, vdir)

@@ -131,12 +131,15 @@ def build(spec: BenchSpec, out: Path, seed: int = 0) -> Path:
 
 
 def ensure_checkpoint(
-    config: str, cache_dir: Path, *, layers: Optional[int] = None, seed: int = 0, log=print
+    config: str, cache_dir: Path, *, layers: Optional[int] = None, seed: int = 0, log=print,
+    spec: Optional[BenchSpec] = None,
 ) -> tuple[Path, BenchSpec, bool]:
-    """The cached checkpoint for ``config`` (built in a subprocess when missing).
+    """The cached checkpoint for ``config`` (built in a subprocess when missing). ``spec`` gives
+    the shapes explicitly (``config`` then only names the cache entry); by default they are the
+    named config's (:func:`spec_for`).
 
     Returns ``(path, spec, built_now)``."""
-    spec = spec_for(config, layers)
+    spec = spec if spec is not None else spec_for(config, layers)
     cache_dir = Path(cache_dir).expanduser()
     path = cache_dir / cache_key(config, spec, seed)
     if (path / "config.json").exists() and (path / ".complete").exists():

@@ -111,6 +111,63 @@ class Ours(MlxImpl):
     def to_numpy(self, logits):
         return np.array(logits[0])
 
+    PROFILE_PARTS = ("embedding", "sc_softmax", "sc_soft_embedding", "sc_mlp", "attention", "dense_mlp",
+                     "router", "experts", "layer_rest", "lm_head_softcap", "sampler")
+
+    def profile_step(self, cache, ctx, sc) -> tuple[dict, Any]:
+        """One denoising step with self-conditioning cut into parts, each evaluated before the next
+        starts and timed alone: a rough where-the-time-goes profile (the parts lose the overlap of
+        one lazy graph, so they add up to a little more than a step). It follows
+        :meth:`Model.denoise` and the denoise path of ``DecoderLayer.__call__`` (the runner checks
+        its logits against a real step's), then runs the sampler (``sampler_step``, as generate
+        does after each pass) on the logits. Returns ``({part: seconds}, logits)``."""
+        from dgemma_mlx.ops import rows_in_parallel, softmax
+
+        mx, m = self.mx, self.model
+        if getattr(self, "_sampler_warm", None) != sc.shape:  # its kernels have not run yet: untimed once
+            mx.eval(self._sampler(mx.zeros(sc.shape, dtype=mx.float32)))
+            self._sampler_warm = sc.shape
+        parts = dict.fromkeys(self.PROFILE_PARTS, 0.0)
+
+        def run(part, fn, *args):
+            t = time.perf_counter()
+            out = fn(*args)
+            mx.eval(out)
+            parts[part] += time.perf_counter() - t
+            return out
+
+        h = run("embedding", m._embed, ctx)
+        probs = run("sc_softmax", lambda: rows_in_parallel(softmax, sc.astype(m.dtype).astype(mx.float32)))
+        soft = run("sc_soft_embedding", m.soft_embedding, probs)
+        h = run("sc_mlp", m.self_conditioning, h, soft)
+        offset = cache.offset
+        for layer, c in zip(m.layers, cache.layers):
+            r = run("attention", lambda x, L=layer, c=c: x + L.post_attention_layernorm(
+                L.self_attn.denoise(L.input_layernorm(x), c, offset)), h)
+            dense = run("dense_mlp", lambda x, L=layer: L.post_feedforward_layernorm_1(
+                L.mlp(L.pre_feedforward_layernorm(x))), r)
+            flat = r.reshape(-1, r.shape[-1])
+            idx, w = run("router", layer.router, flat)
+            moe = run("experts", lambda x, L=layer: L.post_feedforward_layernorm_2(
+                L.experts(L.pre_feedforward_layernorm_2(x), idx, w).reshape(r.shape)), flat)
+            h = run("layer_rest", lambda L=layer: (r + L.post_feedforward_layernorm(dense + moe)) * L.layer_scalar)
+        logits = run("lm_head_softcap", m.logits, h)
+        run("sampler", self._sampler, logits)
+        return parts, logits
+
+    def _sampler(self, logits) -> list:
+        """The sampler's work on one pass's logits, with the checkpoint's settings (last pass of a block)."""
+        from dgemma_mlx.generate import default_settings
+        from dgemma_mlx.sampler import sampler_step
+
+        s = default_settings(self.model)
+        r = sampler_step(
+            logits, step=1, max_steps=s.steps, t_min=s.t_min, t_max=s.t_max, entropy_bound=s.entropy_bound,
+            confidence_threshold=s.confidence_threshold, history=[], stability_threshold=s.stability_threshold,
+            key=self.mx.random.key(0),
+        )
+        return [r.canvas, r.argmax, r.accepted, r.entropy, r.mean_entropy, r.stop, r.scaled, r.probs]
+
     def generate(self, prompt, max_new, steps, seed):
         from dgemma_mlx.generate import stream_generate
 

@@ -12,7 +12,12 @@ from dgemma_mlx.config import ModelArgs
 def read_shape(checkpoint: Path) -> dict:
     """The shapes FLOP counting needs (stored in the report), read by :class:`ModelArgs` from the
     checkpoint's config.json, exactly as the model reads it."""
-    args = ModelArgs.from_config(json.loads((checkpoint / "config.json").read_text()))
+    return shape_from_config(json.loads((checkpoint / "config.json").read_text()))
+
+
+def shape_from_config(config: dict) -> dict:
+    """:func:`read_shape` of a parsed config.json (e.g. one not written yet)."""
+    args = ModelArgs.from_config(config)
     names = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
              "num_attention_heads", "num_experts", "top_k_experts", "sliding_window", "canvas_length")
     shape = {name: int(getattr(args, name)) for name in names}

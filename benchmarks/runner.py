@@ -102,6 +102,31 @@ class Runner:
         P = impl.prefix_len(cache)
         return {st: {"median_s": statistics.median(t), "all_s": t, "prefix": P} for st, t in times.items()}
 
+    def profile_step(self, cache, canvas) -> Optional[dict]:
+        """With ``profile_repeats`` > 0 in the task (and an implementation that can, ours): a
+        separate profiling pass after the timed steps, not part of them. A step without and one
+        with self-conditioning (the reference logits), then ``profile_repeats`` part-by-part steps
+        (:meth:`engines.Ours.profile_step`): the median seconds of each part, the sum of the step's
+        parts (all but the sampler), and the profiled logits' max |difference| from the real step's
+        (a check that the profile computes the same step)."""
+        n = int(self.task.get("profile_repeats") or 0)
+        impl = self.impl
+        if n <= 0 or not hasattr(impl, "profile_step"):
+            return None
+        ctx = impl.prepare(cache, canvas)
+        sc = impl.make_sc(impl.step(cache, ctx, None))
+        ref = impl.to_numpy(impl.step(cache, ctx, sc))
+        runs = []
+        for _ in range(n):
+            parts, logits = impl.profile_step(cache, ctx, sc)
+            runs.append(parts)
+        diff = float(np.abs(impl.to_numpy(logits) - ref).max())
+        del logits, sc, ctx
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        self.track_peak()
+        return {"prefix": impl.prefix_len(cache), "parts_s": med, "all": runs, "check_max_abs_diff": diff,
+                "step_parts_s": sum(v for k, v in med.items() if k != "sampler")}
+
     def main_of(self, per: dict) -> dict:
         """The configured implementation's entry of a per-strategy result."""
         if None in per:
@@ -166,6 +191,13 @@ class Runner:
                         log(self.name, f"  experts={strategy}: step @{rr['prefix']}: {rr['median_s']:.3f} s")
                 if strat_out:
                     self.result["strategies"] = strat_out
+                prof = self.profile_step(cache, canvas)
+                if prof:
+                    self.result.setdefault("profile", {})[str(pos)] = prof
+                    top = sorted(prof["parts_s"].items(), key=lambda kv: -kv[1])[:4]
+                    log(self.name, f"profile @{prof['prefix']} (separate pass): step parts "
+                        f"{prof['step_parts_s']:.3f} s; " + ", ".join(f"{k} {v:.3f}" for k, v in top)
+                        + f"; |Δlogits| {prof['check_max_abs_diff']:.1e}")
             else:
                 k = pos // self.C
                 times, prefixes = [], []
