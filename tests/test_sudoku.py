@@ -95,6 +95,26 @@ def test_board_text_tokenizes_to_the_cell_tokens(tmp_path):
     assert tok.encode(sd.board_text(board), add_special_tokens=False) == [sd.cell_token(i, d) for i, d in enumerate(board)]
 
 
+def test_the_recipes_initial_embedding_is_a_sum_of_digit_and_cell_parts():
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "recipes" / "sudoku"))
+    try:
+        import prepare
+    finally:
+        sys.path.pop(0)
+    E = prepare.factorized_embedding(sd.VOCAB_SIZE, 32, seed=0)
+    t = sd.cell_token
+    # Digits and cells add: swapping digits between two cells keeps the sum.
+    np.testing.assert_allclose(E[t(0, 5)] + E[t(40, 7)], E[t(0, 7)] + E[t(40, 5)], atol=1e-6)
+    # Cells in the same row differ only by their column and box parts.
+    np.testing.assert_allclose(E[t(0, 3)] - E[t(1, 3)], E[t(0, 8)] - E[t(1, 8)], atol=1e-6)
+    assert np.isfinite(E).all() and E.shape == (sd.VOCAB_SIZE, 32)
+
+
 def test_pins_fix_exactly_the_givens():
     puzzle = [int(c) if i % 3 == 0 else 0 for i, c in enumerate(SOLVED)]
     pins = sd.pins(puzzle)
