@@ -101,6 +101,10 @@ MaxTokens = _option(
     None, "--max-tokens", metavar="N", help=f"Tokens to generate at most (default: {_default('max_new_tokens')})."
 )
 Steps = _option(None, "--steps", metavar="N", help=f"Maximum denoising passes per block (default: {_default('steps')}).")
+Preset = _option(
+    None, "--preset", metavar="NAME",
+    help="Sampling preset: reference (default), fast (16 passes at most), faster (8); flags override it.",
+)
 EntropyBound = _option(
     None, "--entropy-bound", metavar="X",
     help=f"Entropy budget of the positions accepted per pass (default: {_default('entropy_bound')}).",
@@ -125,6 +129,7 @@ _SAMPLING: list[tuple[str, Any, Any]] = [
     ("model", Optional[str], ModelOpt),
     ("adapter", Optional[str], Adapter),
     ("max_tokens", Optional[int], MaxTokens),
+    ("preset", Optional[str], Preset),
     ("steps", Optional[int], Steps),
     ("entropy_bound", Optional[float], EntropyBound),
     ("t_min", Optional[float], TMin),
@@ -148,6 +153,7 @@ class SamplingArgs:
     model: Optional[str] = None
     adapter: Optional[str] = None
     max_tokens: Optional[int] = None
+    preset: Optional[str] = None
     steps: Optional[int] = None
     entropy_bound: Optional[float] = None
     t_min: Optional[float] = None
@@ -177,6 +183,12 @@ class SamplingArgs:
             t_min=self.t_min, t_max=self.t_max, temp=self.temp, seed=self.seed,
         )
         values = {k: v for k, v in values.items() if v is not None}
+        if self.preset is not None:
+            from .settings import PRESETS
+
+            if self.preset not in PRESETS:
+                raise DGemmaError(f"unknown --preset '{self.preset}' (choose {', '.join(PRESETS)})")
+            values = {**PRESETS[self.preset], **values}
         DEFAULTS.update(**values)
         return values
 

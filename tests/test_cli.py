@@ -297,3 +297,15 @@ def test_help_and_argument_errors_do_not_import_model_code():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip().splitlines()[-1] == "False False", r.stdout + r.stderr
+
+
+def test_a_preset_caps_the_passes_and_explicit_flags_override_it():
+    from dgemma_mlx.cli import SamplingArgs
+
+    assert SamplingArgs(preset="faster").overrides() == {"steps": 8}
+    assert SamplingArgs(preset="fast", steps=20).overrides() == {"steps": 20}
+    assert SamplingArgs(preset="reference").overrides() == {}
+
+
+def test_an_unknown_preset_is_a_one_line_error(checkpoint):
+    one_line_error(dgemma("generate", "--model", str(checkpoint), "--preset", "turbo", "hi"), "--preset", "fast")
