@@ -29,7 +29,7 @@ from .cache import FullAttentionCache, PrefixCache, SlidingWindowCache
 from .config import FULL, ModelArgs
 from .experts import Experts
 from .attention import Attention
-from .ops import gelu_mul, rms_norm_noscale, rows_in_parallel, softmax, tanh
+from .ops import gelu_mul, rms_norm_noscale, rows_in_parallel, softcap, softmax
 from .vision import MultimodalEmbedder, VisionTower, sanitize_vision_key
 
 
@@ -198,7 +198,7 @@ class Model(nn.Module):
         out = self.embed_tokens.as_linear(self.norm(h)).astype(mx.float32)
         cap = self.args.final_logit_softcapping
         if cap:
-            out = rows_in_parallel(lambda x: tanh(x / cap) * cap, out)
+            out = rows_in_parallel(lambda x: softcap(x, cap), out)
         return out
 
     # ---------------------------------------------------------------------------------- passes

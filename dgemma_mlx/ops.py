@@ -161,6 +161,34 @@ def _fast_gelu_mul_vjp(primals, cotangent, output):
     return _gelu_mul_bwd(*primals, cotangent)
 
 
+@mx.compile
+def _softcap_fwd(x, cap):
+    return _tanh_poly(x / cap) * cap
+
+
+@mx.compile
+def _softcap_bwd(out, cap, ct):
+    t = out / cap
+    return ct * (1.0 - t * t)
+
+
+@mx.custom_function
+def _fast_softcap(x, cap):
+    return _softcap_fwd(x, cap)
+
+
+@_fast_softcap.vjp
+def _fast_softcap_vjp(primals, cotangent, output):
+    return _softcap_bwd(output, primals[1], cotangent), mx.zeros_like(primals[1])
+
+
+def softcap(x: mx.array, cap: float) -> mx.array:
+    """``cap * tanh(x / cap)`` (one compiled pass with the CPU kernels)."""
+    if cpu_kernels() and x.dtype == mx.float32:
+        return _fast_softcap(x, mx.array(cap, mx.float32))
+    return mx.tanh(x / cap) * cap
+
+
 def tanh(x: mx.array) -> mx.array:
     """``tanh(x)`` (a polynomial within 3.6e-7 with the CPU kernels)."""
     return _fast_tanh(x) if cpu_kernels() else mx.tanh(x)

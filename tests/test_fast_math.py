@@ -31,6 +31,14 @@ def test_tanh_gradient_is_one_minus_its_square():
     assert np.abs(np.array(g) - exact).max() < 1e-6
 
 
+def test_softcap_and_its_gradient_match_the_exact_function():
+    x = mx.linspace(-400, 400, 100_001)
+    exact = 30 * np.tanh(np.array(x, dtype=np.float64) / 30)
+    assert np.abs(np.array(ops.softcap(x, 30.0)) - exact).max() < 3e-5
+    g = mx.grad(lambda v: ops.softcap(v, 30.0).sum())(x)
+    assert np.abs(np.array(g) - (1 - (exact / 30) ** 2)).max() < 1e-5
+
+
 def test_exp2_is_within_float32_rounding_and_zero_below_the_normal_range():
     x = mx.linspace(-125, 127, 250_001)
     exact = np.exp2(np.array(x, dtype=np.float64))
