@@ -45,10 +45,10 @@ def easy():
     return sd.make_puzzle(random.Random(4), 60)
 
 
-# The bundled models after the first training session (issue 16 stays open): the Sudoku model has
-# learnt the cell-token layout but not yet the constraints (blank-cell accuracy ~12%, chance 11%),
-# and the code model writes Python-flavoured text without stopping early. These specify what the
-# next sessions' training must reach; strict, so they fail loudly once it is reached.
+# The bundled models are still in training (issue 16): the Sudoku model has learnt the board and
+# part of the rules (it fills many blank cells correctly, but rarely a whole board yet), and the
+# code model writes Python-flavoured text without stopping early. These specify what the next
+# sessions' training must reach; strict, so they fail loudly once it is reached.
 UNDERTRAINED = pytest.mark.xfail(strict=True, reason="the bundled models are not trained far enough yet (issue 16)")
 
 
