@@ -96,44 +96,25 @@ def _exp2_poly(x: mx.array) -> mx.array:
     return mx.where(x < -126.0, 0.0, _poly(x - n, _EXP2_P) * scale)
 
 
-@mx.compile
-def _tanh_fwd(x):
-    return _tanh_poly(x)
+def _elementwise(fn: Callable, derivative: Callable) -> Callable:
+    """``fn`` (elementwise) compiled, as a function whose gradient is ``cotangent * derivative(out)``
+    (also compiled): the derivative is written from the output, not traced through ``fn``."""
+    fwd = mx.compile(fn)
+    bwd = mx.compile(lambda out, ct: ct * derivative(out))
+
+    @mx.custom_function
+    def f(x):
+        return fwd(x)
+
+    @f.vjp
+    def f_vjp(primals, cotangent, output):
+        return bwd(output, cotangent)
+
+    return f
 
 
-@mx.compile
-def _tanh_bwd(out, ct):
-    return ct * (1.0 - out * out)
-
-
-@mx.custom_function
-def _fast_tanh(x):
-    return _tanh_fwd(x)
-
-
-@_fast_tanh.vjp
-def _fast_tanh_vjp(primals, cotangent, output):
-    return _tanh_bwd(output, cotangent)
-
-
-@mx.compile
-def _exp2_fwd(x):
-    return _exp2_poly(x)
-
-
-@mx.compile
-def _exp2_bwd(out, ct):
-    return ct * out * _LN2
-
-
-@mx.custom_function
-def _fast_exp2(x):
-    return _exp2_fwd(x)
-
-
-@_fast_exp2.vjp
-def _fast_exp2_vjp(primals, cotangent, output):
-    return _exp2_bwd(output, cotangent)
+_fast_tanh = _elementwise(_tanh_poly, lambda out: 1.0 - out * out)
+_fast_exp2 = _elementwise(_exp2_poly, lambda out: out * _LN2)
 
 
 @mx.compile
