@@ -16,7 +16,10 @@ from rich.text import Text
 
 from .events import PassEvent
 
-__all__ = ["ACCEPTED_STYLE", "CHANGED_STYLE", "PINNED_STYLE", "SPECIAL_STYLE", "TokenPieces", "canvas_text", "noise_style"]
+__all__ = [
+    "ACCEPTED_STYLE", "CHANGED_STYLE", "PINNED_STYLE", "SPECIAL_STYLE", "TokenPieces", "canvas_text", "noise_style",
+    "terminal_safe",
+]
 
 ACCEPTED_STYLE = Style(bold=True, color="green")
 """Canvas positions whose token was accepted in this pass."""
@@ -56,6 +59,18 @@ def _visible(s: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+_CONTROL_PICTURES = {c: chr(0x2400 + c) for c in range(32) if c not in (9, 10)}  # ␀ … ␟ (ESC → ␛)
+_CONTROL_PICTURES[127] = "\u2421"  # ␡
+_CONTROL_PICTURES.update({c: "\ufffd" for c in range(0x80, 0xA0)})  # C1 controls (CSI, OSC, …) → �
+
+
+def terminal_safe(s: str) -> str:
+    """Text a model wrote, made safe to print on a terminal: control characters other than newline
+    and tab become visible symbols (ESC → ``␛``, DEL → ``␡``, C1 controls → ``�``), so model output
+    can never move the cursor, clear the screen or retitle the window. Piped output stays raw."""
+    return s.translate(_CONTROL_PICTURES)
 
 
 def _compact_special(token: str) -> str:

@@ -25,7 +25,7 @@ from rich.live import Live
 from rich.style import Style
 from rich.text import Text
 
-from .canvas import ACCEPTED_STYLE, CHANGED_STYLE, PINNED_STYLE, TokenPieces, canvas_text, noise_style
+from .canvas import ACCEPTED_STYLE, CHANGED_STYLE, PINNED_STYLE, TokenPieces, canvas_text, noise_style, terminal_safe
 from .channels import Segment
 from .events import CommitEvent, EndEvent, Event, GenerationStats, PassEvent
 
@@ -69,7 +69,9 @@ def status_text(event: Optional[PassEvent], commit: Optional[CommitEvent] = None
 
 
 def committed_text(thought: str, answer: str) -> Text:
-    """The committed output: a "thinking" label and the dimmed thought, then the answer."""
+    """The committed output: a "thinking" label and the dimmed thought, then the answer (control
+    characters shown as symbols, see :func:`~dgemma_mlx.canvas.terminal_safe`)."""
+    thought, answer = terminal_safe(thought), terminal_safe(answer)
     text = Text()
     if thought:
         text.append("thinking\n", LABEL_STYLE)
@@ -214,7 +216,7 @@ class LiveView:
             self._live.stop()
         thought, answer = self._transcript.final(self.end)
         self._committed = (thought, answer)
-        thought, answer = thought.strip(), answer.strip()
+        thought, answer = terminal_safe(thought.strip()), terminal_safe(answer.strip())
         if thought:
             self.console.print(Text("thinking", LABEL_STYLE))
             self.console.print(Text(thought, THOUGHT_STYLE), soft_wrap=True)

@@ -8,7 +8,7 @@ import re
 import pytest
 from rich.console import Console
 
-from dgemma_mlx.channels import ChannelSplitter
+from dgemma_mlx.channels import ChannelSplitter, Segment
 from dgemma_mlx.events import CommitEvent, EndEvent, GenerationStats, PassEvent
 from dgemma_mlx.render import (
     ACCEPTED_STYLE,
@@ -310,3 +310,27 @@ def test_pinned_positions_have_their_own_style(tok):
     view.update(event)
     assert all(s.color == PINNED_STYLE.color and not s.bold for s in styles_of(view, view.console, " sky"))
     assert all(s.bold and s.color == ACCEPTED_STYLE.color for s in styles_of(view, view.console, " is"))
+
+
+def test_control_characters_in_model_text_reach_the_terminal_as_symbols(tok):
+    # A model's text could otherwise clear the screen or move the cursor (ESC [ 2 J, ...).
+    console = recording_console()
+    answer = "a\x1b[2Jb\x07c\x7fd\x9be\tf"
+    with LiveView(tok, console) as view:
+        view.update(CommitEvent(block=0, tokens=[5], text=answer, steps=1, eos=False, finished=True,
+                                encoded=True, segments=(Segment("answer", answer),)))
+        assert "a␛[2Jb␇c␡d\ufffde" in frame_text(view, console)  # the live region
+        view.update(EndEvent(text=answer, tokens=[5], finish_reason="eos"))
+    assert "a␛[2Jb␇c␡d\ufffde" in final_output(console)
+    written = console.file.getvalue()
+    assert not any(c in written for c in ("\x1b[2J", "\x07", "\x7f", "\x9b"))
+
+
+def test_piped_output_keeps_the_model_text_exactly(tok):
+    out = io.StringIO()
+    answer = "a\x1b[2Jb\tc"
+    with PlainView(tok, out) as view:
+        view.update(CommitEvent(block=0, tokens=[5], text=answer, steps=1, eos=False, finished=True,
+                                encoded=True, segments=(Segment("answer", answer),)))
+        view.update(EndEvent(text=answer, tokens=[5], finish_reason="eos"))
+    assert out.getvalue() == answer + "\n"

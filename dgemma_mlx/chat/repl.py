@@ -21,6 +21,7 @@ from ..events import CommitEvent, EndEvent, Event
 from ..files import PathLike
 from ..image_processing import DEFAULT_IMAGE_TOKENS, check_budget
 from ..multimodal import PromptImage, read_images
+from ..canvas import terminal_safe
 from ..render import make_view, plural
 from ..settings import GenerationSettings
 from .session import ChatSession
@@ -149,6 +150,8 @@ class ChatRepl:
     # -- output ----------------------------------------------------------------------------------
 
     def say(self, text: str, style: Optional[str] = None) -> None:
+        if self.console.is_terminal:
+            text = terminal_safe(text)
         self.console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
 
     def error(self, message: Any) -> None:
