@@ -112,6 +112,11 @@ EntropyBound = _option(
 TMin = _option(None, "--t-min", metavar="T", help=f"Temperature of the last pass (default: {_default('t_min')}).")
 TMax = _option(None, "--t-max", metavar="T", help=f"Temperature of the first pass (default: {_default('t_max')}).")
 Temp = _option(None, "--temp", metavar="T", help="A constant temperature (sets --t-min and --t-max).")
+FreezeAccepted = _option(
+    None, "--freeze-accepted/--no-freeze-accepted",
+    help="Fast sampling (not the reference's): an accepted position keeps its token for the rest of the block, "
+    "and later passes compute only the others.",
+)
 Seed = _option(
     None, "--seed", metavar="N", help="Random seed for reproducible runs: 0 <= N < 2**64; -1 (default): random."
 )
@@ -135,6 +140,7 @@ _SAMPLING: list[tuple[str, Any, Any]] = [
     ("t_min", Optional[float], TMin),
     ("t_max", Optional[float], TMax),
     ("temp", Optional[float], Temp),
+    ("freeze_accepted", Optional[bool], FreezeAccepted),
     ("seed", Optional[int], Seed),
     ("events", Optional[str], Events),
     ("quiet", bool, Quiet),
@@ -159,6 +165,7 @@ class SamplingArgs:
     t_min: Optional[float] = None
     t_max: Optional[float] = None
     temp: Optional[float] = None
+    freeze_accepted: Optional[bool] = None
     seed: Optional[int] = None
     events: Optional[str] = None
     quiet: bool = False
@@ -180,7 +187,7 @@ class SamplingArgs:
             raise DGemmaError("--temp sets a constant temperature: give either --temp or --t-min/--t-max")
         values = dict(
             max_new_tokens=self.max_tokens, steps=self.steps, entropy_bound=self.entropy_bound,
-            t_min=self.t_min, t_max=self.t_max, temp=self.temp, seed=self.seed,
+            t_min=self.t_min, t_max=self.t_max, temp=self.temp, seed=self.seed, freeze_accepted=self.freeze_accepted,
         )
         values = {k: v for k, v in values.items() if v is not None}
         if self.preset is not None:

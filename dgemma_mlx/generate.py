@@ -151,7 +151,8 @@ def stream_generate(
         block_warm, block_pins = (_block_slice(x, block, C) for x in (warm, pins))
         canvas = initial_canvas((1, C), V, init_key, warm_start=block_warm, pinned=block_pins)
         pin_mask = None if block_pins is None else (np.array(block_pins[0]) >= 0).tolist()
-        for p in refine_block(model, cache, canvas, settings=settings, key=key, pinned=block_pins, score=score):
+        for p in refine_block(model, cache, canvas, settings=settings, key=key, pinned=block_pins, score=score,
+                              eos_ids=sorted(eos)):
             elapsed = time.perf_counter() - start
             yield PassEvent(
                 block=block,

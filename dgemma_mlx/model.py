@@ -263,6 +263,7 @@ class Model(nn.Module):
         *,
         self_conditioning_probs: Optional[mx.array] = None,
         self_conditioning_mask: Optional[mx.array] = None,
+        positions: Optional[mx.array] = None,
     ) -> mx.array:
         """Logits (float32 [B, C, V], soft-capped) for ``canvas`` (int [B, C]) placed after the cache.
 
@@ -271,6 +272,8 @@ class Model(nn.Module):
         softmax, when the caller already has it. ``self_conditioning_mask`` (bool [B]) zeroes the
         signal of the rows where it is False (training: self-conditioning per example). The cache is
         not modified; its ``offset`` may be an int array [B] (one canvas position per row).
+        ``positions`` (int [B, K]) asks for the logits of those canvas positions only ([B, K, V]):
+        the LM head, the largest matmul with a real vocabulary, then runs on K positions, not C.
         """
         if canvas.ndim == 1:
             canvas = canvas[None]
@@ -288,6 +291,8 @@ class Model(nn.Module):
         offset = cache.offset
         for layer, c in zip(self.layers, cache.layers):
             h = layer(h, c, offset, encode=False)
+        if positions is not None:
+            h = mx.take_along_axis(h, positions[..., None].astype(mx.int32), axis=1)
         return self.logits(h)
 
     # -------------------------------------------------------------------------------- weights

@@ -15,7 +15,7 @@ whenever the model's logits for a row do not depend on the other rows (see tests
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -75,6 +75,7 @@ def refine_block(
     key: mx.array,
     pinned: Optional[mx.array] = None,
     score: bool = False,
+    eos_ids: Sequence[int] = (),
 ) -> Iterator[RefinePass]:
     """Refine ``canvas`` (int32 [B, C], the first canvas: see :func:`initial_canvas`) pass by pass;
     yield a :class:`RefinePass` after each pass. The last one yielded has ``done`` set.
@@ -88,11 +89,15 @@ def refine_block(
             has always made.
         pinned: int32 [B, C], -1 for free positions, else the token the position is fixed to.
         score: also report ``logprob``, the log-probability (temperature 1) of each argmax token.
+        eos_ids: end-of-sequence ids, used only by ``settings.freeze_accepted`` (the EOS-filled
+            tail). With ``freeze_accepted`` a position keeps its values (entropy, ``logprob``) from
+            the last pass that computed it.
     """
     B = canvas.shape[0]
     if key.ndim == 1 and B > 1:
         key = mx.random.split(key, B)
     steps = settings.steps
+    freeze = bool(getattr(settings, "freeze_accepted", False))
     use_probs = model.dtype == mx.float32
     rows = np.arange(B)  # the rows still refined, in batch order
     stopped = np.zeros(B, dtype=bool)
@@ -100,29 +105,51 @@ def refine_block(
     full: dict[str, mx.array] = {}
     history: list[mx.array] = []
     sc_logits = sc_probs = None
+    frozen = None
+    if freeze:  # the fixed tokens of the rows still refined: pinned, then accepted ones too
+        frozen = np.full(canvas.shape, -1, np.int32) if pinned is None else np.array(pinned, np.int32)
+        kept: dict[str, mx.array] = {}  # [B', C] values of frozen positions, from their last pass
     for step, n in enumerate(range(steps, 0, -1), start=1):
         key, step_key = split_key(key)
-        logits = model.denoise(canvas, cache, sc_logits, self_conditioning_probs=sc_probs)
-        r = sampler_step(
-            logits,
-            step=n,
-            max_steps=steps,
-            t_min=settings.t_min,
-            t_max=settings.t_max,
-            entropy_bound=settings.entropy_bound,
-            confidence_threshold=settings.confidence_threshold,
-            history=history,
-            stability_threshold=settings.stability_threshold,
-            key=step_key,
-            pinned=pinned,
+        sampling = dict(
+            step=n, max_steps=steps, t_min=settings.t_min, t_max=settings.t_max,
+            entropy_bound=settings.entropy_bound, confidence_threshold=settings.confidence_threshold,
+            stability_threshold=settings.stability_threshold, key=step_key,
         )
-        now = {"argmax": r.argmax, "accepted": r.accepted, "entropy": r.entropy, "mean_entropy": r.mean_entropy}
+        if freeze:
+            # The first pass reads every position (each gets self-conditioning probabilities);
+            # later ones only the free positions (see `_slots`).
+            idx, slot_pins = _slots(frozen, every=step == 1)
+            logits = model.denoise(canvas, cache, sc_logits, self_conditioning_probs=sc_probs, positions=idx)
+            r = sampler_step(logits, history=[mx.take_along_axis(h, idx, axis=1) for h in history],
+                             pinned=slot_pins, **sampling)
+            fixed = mx.array(frozen)
+            tokens = mx.where(fixed >= 0, fixed, 0)
+            put = lambda whole, part: mx.put_along_axis(whole, idx.reshape(*idx.shape, *[1] * (part.ndim - 2)), part, axis=1)
+            argmax, accepted = put(tokens, r.argmax), put(fixed >= 0, r.accepted)
+            next_canvas = put(tokens, r.canvas)
+            kept["entropy"] = put(kept.get("entropy", mx.zeros(canvas.shape, mx.float32)), r.entropy)
+            fixed = _freeze(fixed, accepted, next_canvas, eos_ids)
+            # A frozen position's token is its accepted draw, in the canvas and in the argmax.
+            next_canvas, argmax = mx.where(fixed >= 0, fixed, next_canvas), mx.where(fixed >= 0, fixed, argmax)
+            stop_flags = r.stop | (fixed >= 0).all(axis=1)  # nothing left to refine
+            probs = put(sc_probs, r.probs) if use_probs and sc_probs is not None else r.probs
+            scaled = put(sc_logits, r.scaled) if not use_probs and sc_logits is not None else r.scaled
+            now = {"argmax": argmax, "accepted": accepted, "entropy": kept["entropy"], "mean_entropy": r.mean_entropy}
+        else:
+            logits = model.denoise(canvas, cache, sc_logits, self_conditioning_probs=sc_probs)
+            r = sampler_step(logits, history=history, pinned=pinned, **sampling)
+            next_canvas, probs, scaled, stop_flags = r.canvas, r.probs, r.scaled, r.stop
+            now = {"argmax": r.argmax, "accepted": r.accepted, "entropy": r.entropy, "mean_entropy": r.mean_entropy}
         if score:
             picked = mx.take_along_axis(logits, r.argmax[..., None], axis=-1)[..., 0]
-            now["logprob"] = picked - mx.logsumexp(logits, axis=-1)
+            logprob = picked - mx.logsumexp(logits, axis=-1)
+            if freeze:
+                logprob = kept["logprob"] = put(kept.get("logprob", mx.zeros(canvas.shape, mx.float32)), logprob)
+            now["logprob"] = logprob
         full = now if len(rows) == B else _scatter(full, now, rows)
-        mx.eval(r.stop, r.canvas, *full.values())
-        stop = np.array(r.stop)
+        mx.eval(stop_flags, next_canvas, *full.values(), *([fixed] if freeze else []))
+        stop = np.array(stop_flags)
         passes[rows] += 1
         refined = np.zeros(B, dtype=bool)
         refined[rows] = True
@@ -143,13 +170,15 @@ def refine_block(
         )
         if stopped.all():
             break
-        canvas = r.canvas
+        canvas = next_canvas
         if use_probs:
-            sc_probs = r.probs
+            sc_probs = probs
         else:
-            sc_logits = r.scaled
+            sc_logits = scaled
+        if freeze:
+            frozen = np.array(fixed)
         if settings.stability_threshold:
-            history = (history + [r.argmax])[-settings.stability_threshold :]
+            history = (history + [now["argmax"]])[-settings.stability_threshold :]
         if stop.any():
             # Drop the rows that stopped: gather what the next pass reads.
             keep = mx.array(np.flatnonzero(~stop))
@@ -159,6 +188,46 @@ def refine_block(
             sc_logits = None if sc_logits is None else sc_logits[keep]
             pinned = None if pinned is None else pinned[keep]
             history = [h[keep] for h in history]
+            if freeze:
+                frozen = frozen[~stop]
+                kept = {name: value[keep] for name, value in kept.items()}
+
+
+def _slots(frozen: np.ndarray, every: bool) -> tuple[mx.array, mx.array]:
+    """The canvas positions a frozen-accepted pass computes, per row: ``idx`` int32 [B, K], and
+    ``pins`` int32 [B, K], the fixed token of a slot (-1 for a free one).
+
+    ``every``: all C positions (frozen ones as pinned slots). Else each row's free positions, padded
+    to the largest count with a frozen position of the row (a pinned slot: its values are that
+    position's own, so writing them back changes nothing the sampler relies on).
+    """
+    B, C = frozen.shape
+    if every:
+        idx = np.broadcast_to(np.arange(C, dtype=np.int32), (B, C))
+        return mx.array(idx), mx.array(frozen)
+    free = frozen < 0
+    K = max(int(free.sum(1).max()), 1)
+    idx = np.zeros((B, K), np.int32)
+    for b in range(B):
+        f = np.flatnonzero(free[b])
+        idx[b, : len(f)] = f
+        if len(f) < K:
+            idx[b, len(f) :] = np.flatnonzero(~free[b])[0]
+    pins = np.take_along_axis(frozen, idx, axis=1)
+    return mx.array(idx), mx.array(pins)
+
+
+def _freeze(fixed: mx.array, accepted: mx.array, canvas: mx.array, eos_ids: Sequence[int]) -> mx.array:
+    """The fixed tokens after a pass: the accepted draws join them; with ``eos_ids``, the free
+    positions after a fixed EOS are fixed to that EOS id's first entry (an EOS-filled tail)."""
+    fixed = mx.where(accepted & (fixed < 0), canvas, fixed)
+    if eos_ids:
+        is_eos = mx.zeros(fixed.shape, mx.bool_)
+        for e in eos_ids:
+            is_eos = is_eos | (fixed == e)
+        after = (mx.cumsum(is_eos.astype(mx.int32), axis=1) - is_eos.astype(mx.int32)) > 0
+        fixed = mx.where(after & (fixed < 0), eos_ids[0], fixed)
+    return fixed
 
 
 def refine(model, cache, canvas: mx.array, **kwargs) -> RefinePass:

@@ -74,6 +74,14 @@ def _as_float(name: str, value: Any) -> float:
     return number
 
 
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    raise SettingError(name, f"bad value for {name}: {value!r} (expected true or false)")
+
+
 def _as_seed(value: Any) -> Optional[int]:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "random")):
         return None
@@ -112,6 +120,10 @@ class GenerationSettings:
         stability_threshold, confidence_threshold: the stable-and-confident stopping criterion.
         seed: None for a random seed (``-1`` is accepted and means the same), else
             ``0 <= seed < 2**64``.
+        freeze_accepted: opt-in fast sampling (not the reference's): a position accepted once
+            keeps its token for the rest of the block, like a pinned one; the model's LM head and
+            the sampler then run on the remaining positions only, and with an EOS frozen, the free
+            positions after it are frozen to EOS (the EOS-filled tail the model was trained on).
     """
 
     max_new_tokens: int = REFERENCE_GENERATION_CONFIG["max_new_tokens"]
@@ -123,6 +135,7 @@ class GenerationSettings:
     confidence_threshold: float = REFERENCE_GENERATION_CONFIG["confidence_threshold"]
     seed: Optional[int] = None
     temp: Optional[float] = None
+    freeze_accepted: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "steps", "stability_threshold"):
@@ -130,6 +143,7 @@ class GenerationSettings:
         for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
             object.__setattr__(self, name, _as_float(name, getattr(self, name)))
         object.__setattr__(self, "seed", _as_seed(self.seed))
+        object.__setattr__(self, "freeze_accepted", _as_bool("freeze_accepted", self.freeze_accepted))
         if self.temp is not None:
             temp = _as_float("temp", self.temp)
             for name in ("temp", "t_min", "t_max"):

@@ -333,3 +333,78 @@ def test_refinement_waits_for_the_device_once_per_pass(model, tokenizer, prompt,
     monkeypatch.setattr(refine_module, "mx", CountingMx())
     last = refine(model, cache, canvas, settings=default_settings(model).update(steps=4), key=keys, pinned=pins)
     assert len(waits) == last.step == 4
+
+
+# -- opt-in fast sampling: accepted positions frozen -------------------------------------------------
+
+
+def test_denoise_can_compute_the_logits_of_chosen_positions_only(model, tokenizer, prompt):
+    C, V = model.args.canvas_length, model.args.vocab_size
+    cache = model.make_cache()
+    model.encode(mx.array(prompt)[None], cache)
+    canvas = initial_canvas((2, C), V, mx.random.key(0))
+    chosen = mx.array([[0, 3, 5], [7, 7, 1]], dtype=mx.int32)
+    every = np.array(model.denoise(canvas, cache))
+    some = np.array(model.denoise(canvas, cache, positions=chosen))
+    assert some.shape == (2, 3, V)
+    assert np.allclose(some, np.take_along_axis(every, np.array(chosen)[..., None], axis=1), atol=1e-5)
+
+
+def frozen_run(model, tokenizer, prompt, *, pins=None, rows=1, **settings):
+    C, V = model.args.canvas_length, model.args.vocab_size
+    cache = model.make_cache()
+    model.encode(mx.array(prompt)[None], cache)
+    pinned = None if pins is None else mx.array(pins)
+    canvas = initial_canvas((rows, C), V, mx.random.key(2), pinned=pinned)
+    spy = DenoiseSpy(model)
+    computed = []
+    original = spy.denoise
+    spy.denoise = lambda c, cache, *a, positions=None, **kw: (
+        computed.append(C if positions is None else positions.shape[1]), original(c, cache, *a, positions=positions, **kw))[1]
+    s = default_settings(model).update(freeze_accepted=True, **settings)
+    return list(refine_block(spy, cache, canvas, settings=s, key=mx.random.key(3), pinned=pinned)), computed
+
+
+def test_freeze_accepted_keeps_every_accepted_token_for_the_rest_of_the_block(model, tokenizer, prompt):
+    passes, computed = frozen_run(model, tokenizer, prompt, steps=48, entropy_bound=1.0)
+    C = model.args.canvas_length
+    frozen = {}
+    for p in passes:
+        argmax, accepted = np.array(p.argmax)[0], np.array(p.accepted)[0]
+        for i, token in frozen.items():
+            assert accepted[i] and argmax[i] == token
+        frozen.update({i: argmax[i] for i in np.flatnonzero(accepted)})
+    assert len(frozen) == C and passes[-1].done and len(passes) < 48
+    # the first pass reads every position, each later one only the positions not yet frozen
+    assert computed[0] == C and all(a > b for a, b in zip(computed[1:], computed[2:]))
+    assert computed[1:] == [C - int(np.array(p.accepted)[0].sum()) for p in passes[:-1]]
+
+
+def test_freeze_accepted_never_computes_pinned_positions_after_the_first_pass(model, tokenizer, prompt):
+    C = model.args.canvas_length
+    pins = np.full((1, C), -1, np.int32)
+    pins[0, ::2] = 300
+    passes, computed = frozen_run(model, tokenizer, prompt, pins=pins, steps=48)
+    assert computed[0] == C and max(computed[1:]) <= C // 2
+    for p in passes:
+        assert (np.array(p.argmax)[0, ::2] == 300).all()
+
+
+def test_freeze_accepted_fills_the_free_positions_after_a_frozen_eos_with_eos():
+    from dgemma_mlx.refine import _freeze
+
+    fixed = mx.array([[-1, 5, -1, -1, 9, -1]], dtype=mx.int32)
+    accepted = mx.array([[False, True, True, False, True, False]])
+    canvas = mx.array([[4, 5, 1, 7, 9, 8]], dtype=mx.int32)  # position 2 accepts EOS (id 1)
+    # the accepted EOS at 2 fills 3 and 5; fixed tokens (4: 9) stay as they are
+    assert np.array(_freeze(fixed, accepted, canvas, (1, 106))).tolist() == [[-1, 5, 1, 1, 9, 1]]
+    assert np.array(_freeze(fixed, accepted, canvas, ())).tolist() == [[-1, 5, 1, -1, 9, -1]]
+
+
+def test_freeze_accepted_is_opt_in():
+    from dgemma_mlx.settings import DEFAULTS, GenerationSettings, SettingError
+
+    assert DEFAULTS.freeze_accepted is False
+    assert GenerationSettings().update(freeze_accepted="true").freeze_accepted is True
+    with pytest.raises(SettingError, match="freeze_accepted"):
+        GenerationSettings().update(freeze_accepted="maybe")
