@@ -153,15 +153,15 @@ def loss_metrics(model, tokenizer, work: Path, batches: Optional[int], seed: int
     return {"rows": n, "diffusion_loss": diffusion, "encoder_loss": encoder, "loss": total}
 
 
-def complete(model, tokenizer, f: Function, *, seed: int, context_tokens: int, max_tokens: int) -> dict:
+def complete(model, tokenizer, f: Function, *, seed: int, context_tokens: int, max_tokens: int, **settings) -> dict:
     """Generate ``f``'s body after its header; whether it ended and parses, and each block's
-    passes and tokens."""
+    passes and tokens (``settings``: generation settings over the checkpoint's)."""
     from dgemma_mlx.events import CommitEvent
     from dgemma_mlx.generate import stream_generate
 
     prompt = context(f.lines, f.start, tokenizer, context_tokens) + f.header
     text, blocks, ended = "", [], False
-    for ev in stream_generate(model, tokenizer, prompt, seed=seed, max_new_tokens=max_tokens):
+    for ev in stream_generate(model, tokenizer, prompt, seed=seed, max_new_tokens=max_tokens, **settings):
         if not isinstance(ev, CommitEvent):
             continue
         blocks.append({"passes": ev.steps, "tokens": len(ev.tokens) + ev.eos})
@@ -200,7 +200,8 @@ def window(f: Function, i: int, tokenizer, context_tokens: int, after_tokens: in
     return before, body, line[len(body) :] + after
 
 
-def infill_line(model, tokenizer, f: Function, i: int, *, seed: int, context_tokens: int, fill_length: int) -> dict:
+def infill_line(model, tokenizer, f: Function, i: int, *, seed: int, context_tokens: int, fill_length: int,
+                **settings) -> dict:
     from dgemma_mlx.infill import infill
 
     C = model.args.canvas_length
@@ -210,7 +211,7 @@ def infill_line(model, tokenizer, f: Function, i: int, *, seed: int, context_tok
     target = line.strip()
     out = {"file": f.file, "line": i + 1, "target": target, "tokens": true_len}
     for name, hole, n in (("true_length", f"<|fill:{true_len}|>", true_len), ("default_length", "<|fill|>", fill_length)):
-        end = infill(model, tokenizer, before + indent + hole + after, fill_length=n, seed=seed)
+        end = infill(model, tokenizer, before + indent + hole + after, fill_length=n, seed=seed, **settings)
         out[name] = {"fill": end.fills[0], "exact": end.fills[0].strip() == target, "passes": end.stats.steps}
     return out
 

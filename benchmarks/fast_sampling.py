@@ -1,0 +1,204 @@
+"""Opt-in fast sampling against the reference's sampler, measured on the bundled models: quality,
+passes and wall time side by side in one run.
+
+Configurations (``--configs``): ``reference`` (the default sampler: at most 48 passes), the
+presets ``fast`` (16) and ``faster`` (8), and ``freeze`` / ``freeze-fast`` / ``freeze-faster``
+(``freeze_accepted``: an accepted position keeps its token; later passes compute only the others;
+the free tail after a frozen EOS is EOS).
+
+* Sudoku (``--sudoku-model``, default the bundled ``sudoku``): exact-solve rate and blank-cell
+  accuracy on the recipe's held-out puzzles (``--puzzles`` per band of ``--givens``), mean
+  passes, seconds per puzzle (solved in batches of ``--batch-size``).
+* Code (``--code-model``, default the bundled ``pycode``; needs ``recipes/code/work`` from the
+  code recipe's ``prepare.py``): single-line infill exact match at the true hole length on
+  ``--lines`` held-out lines, and function-body completion on ``--functions`` held-out functions:
+  passes per block, tokens per pass, milliseconds per block.
+
+Each quality figure comes with its binomial standard error; a configuration's change against
+``reference`` is "within noise" when it is under twice the combined standard error.
+
+    python benchmarks/fast_sampling.py                       # JSON in benchmarks/results/
+    python benchmarks/fast_sampling.py --puzzles 50 --lines 20 --functions 10 --configs reference,freeze
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe(name: str):
+    """A recipe's ``evaluate.py`` as a module (both recipes name theirs ``evaluate``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_evaluate", ROOT / "recipes" / name / "evaluate.py")
+    if spec.name not in sys.modules:
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules[spec.name]
+
+CONFIGS = {
+    "reference": {},
+    "fast": {"steps": 16},
+    "faster": {"steps": 8},
+    "freeze": {"freeze_accepted": True},
+    "freeze-fast": {"freeze_accepted": True, "steps": 16},
+    "freeze-faster": {"freeze_accepted": True, "steps": 8},
+}
+
+
+def stderr(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def sudoku_rows(model, tokenizer, givens: list[int], puzzles: int, batch_size: int, overrides: dict, seed: int):
+    from dgemma_mlx.generate import default_settings
+    from dgemma_mlx.sudoku import puzzles as make_puzzles
+    from dgemma_mlx.sudoku import solve_batch
+
+    PUZZLE_SEED = recipe("sudoku").PUZZLE_SEED
+
+    settings = default_settings(model).update(**overrides)
+    rows = []
+    for g in givens:
+        pairs = list(make_puzzles(PUZZLE_SEED + g, g, puzzles))
+        solved = cells = blanks = used = 0
+        start = time.perf_counter()
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            for (puzzle, solution), r in zip(chunk, solve_batch(model, tokenizer, [p for p, _ in chunk],
+                                                                settings=settings, seed=seed + i)):
+                free = [j for j in range(81) if puzzle[j] == 0]
+                solved += r.valid
+                blanks += len(free)
+                cells += sum(r.board[j] == solution[j] for j in free)
+                used += r.passes
+        seconds = time.perf_counter() - start
+        rate = solved / len(pairs)
+        rows.append({"givens": g, "puzzles": len(pairs), "exact_solve_rate": rate, "stderr": stderr(rate, len(pairs)),
+                     "cell_accuracy": cells / blanks, "mean_passes": used / len(pairs),
+                     "ms_per_puzzle": 1000 * seconds / len(pairs)})
+    return rows
+
+
+def code_rows(model, tokenizer, work: Path, lines: int, functions: int, overrides: dict, seed: int):
+    code = recipe("code")
+    complete, infill_items, infill_line = code.complete, code.infill_items, code.infill_line
+    held = code.held_out_functions(work)
+    out = {}
+    if lines:
+        items = infill_items(held, tokenizer, lines, random.Random(seed))
+        exact = passes = 0
+        start = time.perf_counter()
+        for k, (f, i) in enumerate(items):
+            r = infill_line(model, tokenizer, f, i, seed=seed + k, context_tokens=160, fill_length=8, **overrides)
+            exact += r["true_length"]["exact"]
+            passes += r["true_length"]["passes"]
+        rate = exact / len(items)
+        out["infill"] = {"lines": len(items), "exact_match": rate, "stderr": stderr(rate, len(items)),
+                         "mean_passes": passes / len(items),
+                         "ms_per_line": 1000 * (time.perf_counter() - start) / len(items)}
+    if functions:
+        chosen = random.Random(seed).sample(held, min(functions, len(held)))
+        blocks = []
+        parsed = 0
+        start = time.perf_counter()
+        for k, f in enumerate(chosen):
+            c = complete(model, tokenizer, f, seed=seed + k, context_tokens=160, max_tokens=128, **overrides)
+            blocks += c["blocks"]
+            parsed += c["parses"]
+        seconds = time.perf_counter() - start
+        n_passes = sum(b["passes"] for b in blocks)
+        rate = parsed / len(chosen)
+        out["completion"] = {"functions": len(chosen), "parse_rate": rate, "stderr": stderr(rate, len(chosen)),
+                             "blocks": len(blocks), "passes_per_block": n_passes / max(len(blocks), 1),
+                             "tokens_per_pass": sum(b["tokens"] for b in blocks) / max(n_passes, 1),
+                             "ms_per_block": 1000 * seconds / max(len(blocks), 1)}
+    return out
+
+
+def verdict(value: float, err: float, ref: float, ref_err: float) -> str:
+    delta = value - ref
+    noise = 2 * math.sqrt(err**2 + ref_err**2)
+    return f"{delta:+.1%} ({'within noise' if abs(delta) <= noise else 'worse' if delta < 0 else 'better'})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    p.add_argument("--sudoku-model", default="sudoku")
+    p.add_argument("--code-model", default="pycode")
+    p.add_argument("--code-work", type=Path, default=ROOT / "recipes" / "code" / "work")
+    p.add_argument("--givens", default="45,35")
+    p.add_argument("--puzzles", type=int, default=200, help="held-out puzzles per band (0: no Sudoku)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--lines", type=int, default=50, help="held-out lines to infill (0: none)")
+    p.add_argument("--functions", type=int, default=20, help="held-out function bodies to complete (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/fast-sampling-<time>.json)")
+    a = p.parse_args()
+    names = [c.strip() for c in a.configs.split(",") if c.strip()]
+    bad = [c for c in names if c not in CONFIGS]
+    if bad or not names:
+        sys.exit(f"error: unknown configuration '{bad[0] if bad else a.configs}' (choose from {', '.join(CONFIGS)})")
+
+    from dgemma_mlx import load
+
+    result = {"configs": {n: CONFIGS[n] for n in names}, "seed": a.seed, "sudoku": {}, "code": {}}
+    if a.puzzles:
+        model, tok = load(a.sudoku_model)
+        givens = [int(g) for g in a.givens.split(",")]
+        for n in names:
+            print(f"sudoku: {n}...", file=sys.stderr, flush=True)
+            result["sudoku"][n] = sudoku_rows(model, tok, givens, a.puzzles, a.batch_size, CONFIGS[n], a.seed)
+    if a.lines or a.functions:
+        if not (a.code_work / "manifest.json").is_file():
+            sys.exit(f"error: {a.code_work} has no prepared data (run recipes/code/prepare.py first)")
+        model, tok = load(a.code_model)
+        for n in names:
+            print(f"code: {n}...", file=sys.stderr, flush=True)
+            result["code"][n] = code_rows(model, tok, a.code_work, a.lines, a.functions, CONFIGS[n], a.seed)
+
+    out = a.out or ROOT / "benchmarks" / "results" / f"fast-sampling-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result, names))
+    print(f"\nJSON: {out}", file=sys.stderr)
+
+
+def table(result: dict, names: list[str]) -> str:
+    lines = []
+    if result["sudoku"]:
+        lines += ["| config | givens | exact solve | vs reference | cell accuracy | mean passes | ms/puzzle |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        ref = {r["givens"]: r for r in result["sudoku"].get("reference", [])}
+        for n in names:
+            for r in result["sudoku"][n]:
+                b = ref.get(r["givens"])
+                vs = verdict(r["exact_solve_rate"], r["stderr"], b["exact_solve_rate"], b["stderr"]) if b and n != "reference" else ""
+                lines.append(f"| {n} | {r['givens']} | {r['exact_solve_rate']:.1%} ± {r['stderr']:.1%} | {vs} | "
+                             f"{r['cell_accuracy']:.1%} | {r['mean_passes']:.1f} | {r['ms_per_puzzle']:.0f} |")
+    if result["code"]:
+        lines += ["", "| config | infill exact | vs reference | infill passes | parse | passes/block | tok/pass | ms/block |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        ref = result["code"].get("reference", {}).get("infill")
+        for n in names:
+            c = result["code"][n]
+            i, m = c.get("infill", {}), c.get("completion", {})
+            vs = verdict(i["exact_match"], i["stderr"], ref["exact_match"], ref["stderr"]) if i and ref and n != "reference" else ""
+            lines.append(
+                f"| {n} | {i.get('exact_match', float('nan')):.1%} | {vs} | {i.get('mean_passes', float('nan')):.1f} | "
+                f"{m.get('parse_rate', float('nan')):.0%} | {m.get('passes_per_block', float('nan')):.1f} | "
+                f"{m.get('tokens_per_pass', float('nan')):.2f} | {m.get('ms_per_block', float('nan')):.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
