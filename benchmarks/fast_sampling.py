@@ -2,7 +2,8 @@
 passes and wall time side by side in one run.
 
 Configurations (``--configs``): ``reference`` (the default sampler: at most 48 passes), the
-presets ``fast`` (16) and ``faster`` (8), and ``freeze`` / ``freeze-fast`` / ``freeze-faster``
+presets ``fast`` (16) and ``faster`` (8), ``top-k`` (``top_k`` 64: sampler and self-conditioning
+on each position's 64 most likely tokens), and ``freeze`` / ``freeze-fast`` / ``freeze-faster``
 (``freeze_accepted``: an accepted position keeps its token; later passes compute only the others;
 the free tail after a frozen EOS is EOS).
 
@@ -48,6 +49,7 @@ CONFIGS = {
     "reference": {},
     "fast": {"steps": 16},
     "faster": {"steps": 8},
+    "top-k": {"top_k": 64},
     "freeze": {"freeze_accepted": True},
     "freeze-fast": {"freeze_accepted": True, "steps": 16},
     "freeze-faster": {"freeze_accepted": True, "steps": 8},

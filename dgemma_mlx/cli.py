@@ -117,6 +117,10 @@ FreezeAccepted = _option(
     help="Fast sampling (not the reference's): an accepted position keeps its token for the rest of the block, "
     "and later passes compute only the others.",
 )
+TopK = _option(
+    None, "--top-k", metavar="K",
+    help="Fast sampling (not the reference's): sample and self-condition on each position's K most likely tokens.",
+)
 Seed = _option(
     None, "--seed", metavar="N", help="Random seed for reproducible runs: 0 <= N < 2**64; -1 (default): random."
 )
@@ -141,6 +145,7 @@ _SAMPLING: list[tuple[str, Any, Any]] = [
     ("t_max", Optional[float], TMax),
     ("temp", Optional[float], Temp),
     ("freeze_accepted", Optional[bool], FreezeAccepted),
+    ("top_k", Optional[int], TopK),
     ("seed", Optional[int], Seed),
     ("events", Optional[str], Events),
     ("quiet", bool, Quiet),
@@ -166,6 +171,7 @@ class SamplingArgs:
     t_max: Optional[float] = None
     temp: Optional[float] = None
     freeze_accepted: Optional[bool] = None
+    top_k: Optional[int] = None
     seed: Optional[int] = None
     events: Optional[str] = None
     quiet: bool = False
@@ -188,6 +194,7 @@ class SamplingArgs:
         values = dict(
             max_new_tokens=self.max_tokens, steps=self.steps, entropy_bound=self.entropy_bound,
             t_min=self.t_min, t_max=self.t_max, temp=self.temp, seed=self.seed, freeze_accepted=self.freeze_accepted,
+            top_k=self.top_k,
         )
         values = {k: v for k, v in values.items() if v is not None}
         if self.preset is not None:

@@ -177,13 +177,18 @@ class Model(nn.Module):
         h = self.embed_tokens(ids)
         return h * mx.array(self.args.embed_scale, dtype=h.dtype)
 
-    def soft_embedding(self, probs: mx.array) -> mx.array:
+    def soft_embedding(self, probs: mx.array, ids: Optional[mx.array] = None) -> mx.array:
         """``probs @ E * sqrt(H)`` for a distribution over the vocabulary ([..., V] -> [..., H]).
 
-        Works on a quantized embedding too (one quantized matmul, no dequantized copy of E)."""
+        With ``ids`` (int [..., K]) the distribution is sparse: ``probs`` [..., K] is the mass of
+        those tokens, and only their K rows of E are read. Works on a quantized embedding too (one
+        quantized matmul, no dequantized copy of E)."""
         e = self.embed_tokens
         dt = self.dtype
         p = probs.astype(dt)
+        if ids is not None:
+            rows = e(ids)  # [..., K, H]
+            return (p[..., None, :] @ rows)[..., 0, :] * mx.array(self.args.embed_scale, dtype=dt)
         if isinstance(e, nn.QuantizedEmbedding):
             soft = mx.quantized_matmul(
                 p, e.weight, e.scales, e.get("biases"), transpose=False,
@@ -263,6 +268,7 @@ class Model(nn.Module):
         *,
         self_conditioning_probs: Optional[mx.array] = None,
         self_conditioning_mask: Optional[mx.array] = None,
+        self_conditioning_ids: Optional[mx.array] = None,
         positions: Optional[mx.array] = None,
     ) -> mx.array:
         """Logits (float32 [B, C, V], soft-capped) for ``canvas`` (int [B, C]) placed after the cache.
@@ -272,7 +278,8 @@ class Model(nn.Module):
         softmax, when the caller already has it. ``self_conditioning_mask`` (bool [B]) zeroes the
         signal of the rows where it is False (training: self-conditioning per example). The cache is
         not modified; its ``offset`` may be an int array [B] (one canvas position per row).
-        ``positions`` (int [B, K]) asks for the logits of those canvas positions only ([B, K, V]):
+        ``self_conditioning_ids`` (int [B, C, K]) makes ``self_conditioning_probs`` sparse: [B, C, K],
+        the probabilities of those tokens (top-k sampling). ``positions`` (int [B, K]) asks for the logits of those canvas positions only ([B, K, V]):
         the LM head, the largest matmul with a real vocabulary, then runs on K positions, not C.
         """
         if canvas.ndim == 1:
@@ -284,7 +291,7 @@ class Model(nn.Module):
             sc = self_conditioning_logits.astype(self.dtype).astype(mx.float32)
             self_conditioning_probs = rows_in_parallel(softmax, sc)
         if self_conditioning_probs is not None:
-            soft = self.soft_embedding(self_conditioning_probs)
+            soft = self.soft_embedding(self_conditioning_probs, self_conditioning_ids)
             if self_conditioning_mask is not None:
                 soft = soft * self_conditioning_mask.astype(soft.dtype)[:, None, None]
         h = self.self_conditioning(h, soft)

@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .sampler import sampler_step, split_key, temperature, uniform_tokens
+from .sampler import sampler_step, split_key, temperature, top_k_logits, uniform_tokens
 
 
 @dataclass
@@ -98,13 +98,14 @@ def refine_block(
         key = mx.random.split(key, B)
     steps = settings.steps
     freeze = bool(getattr(settings, "freeze_accepted", False))
+    top_k = getattr(settings, "top_k", None)
     use_probs = model.dtype == mx.float32
     rows = np.arange(B)  # the rows still refined, in batch order
     stopped = np.zeros(B, dtype=bool)
     passes = np.zeros(B, dtype=np.int64)
     full: dict[str, mx.array] = {}
     history: list[mx.array] = []
-    sc_logits = sc_probs = None
+    sc_logits = sc_probs = sc_ids = None  # sc_ids: the token ids of top-k probabilities
     frozen = None
     if freeze:  # the fixed tokens of the rows still refined: pinned, then accepted ones too
         frozen = np.full(canvas.shape, -1, np.int32) if pinned is None else np.array(pinned, np.int32)
@@ -120,9 +121,9 @@ def refine_block(
             # The first pass reads every position (each gets self-conditioning probabilities);
             # later ones only the free positions (see `_slots`).
             idx, slot_pins = _slots(frozen, every=step == 1)
-            logits = model.denoise(canvas, cache, sc_logits, self_conditioning_probs=sc_probs, positions=idx)
-            r = sampler_step(logits, history=[mx.take_along_axis(h, idx, axis=1) for h in history],
-                             pinned=slot_pins, **sampling)
+            logits, r, ids = _pass(model, cache, canvas, (sc_logits, sc_probs, sc_ids), top_k, sampling,
+                                   history=[mx.take_along_axis(h, idx, axis=1) for h in history],
+                                   pinned=slot_pins, positions=idx)
             fixed = mx.array(frozen)
             tokens = mx.where(fixed >= 0, fixed, 0)
             put = lambda whole, part: mx.put_along_axis(whole, idx.reshape(*idx.shape, *[1] * (part.ndim - 2)), part, axis=1)
@@ -135,10 +136,11 @@ def refine_block(
             stop_flags = r.stop | (fixed >= 0).all(axis=1)  # nothing left to refine
             probs = put(sc_probs, r.probs) if use_probs and sc_probs is not None else r.probs
             scaled = put(sc_logits, r.scaled) if not use_probs and sc_logits is not None else r.scaled
+            ids = put(sc_ids, ids) if ids is not None and sc_ids is not None else ids
             now = {"argmax": argmax, "accepted": accepted, "entropy": kept["entropy"], "mean_entropy": r.mean_entropy}
         else:
-            logits = model.denoise(canvas, cache, sc_logits, self_conditioning_probs=sc_probs)
-            r = sampler_step(logits, history=history, pinned=pinned, **sampling)
+            logits, r, ids = _pass(model, cache, canvas, (sc_logits, sc_probs, sc_ids), top_k, sampling,
+                                   history=history, pinned=pinned)
             next_canvas, probs, scaled, stop_flags = r.canvas, r.probs, r.scaled, r.stop
             now = {"argmax": r.argmax, "accepted": r.accepted, "entropy": r.entropy, "mean_entropy": r.mean_entropy}
         if score:
@@ -175,6 +177,7 @@ def refine_block(
             sc_probs = probs
         else:
             sc_logits = scaled
+        sc_ids = ids
         if freeze:
             frozen = np.array(fixed)
         if settings.stability_threshold:
@@ -186,11 +189,26 @@ def refine_block(
             canvas, key = canvas[keep], key[keep]
             sc_probs = None if sc_probs is None else sc_probs[keep]
             sc_logits = None if sc_logits is None else sc_logits[keep]
+            sc_ids = None if sc_ids is None else sc_ids[keep]
             pinned = None if pinned is None else pinned[keep]
             history = [h[keep] for h in history]
             if freeze:
                 frozen = frozen[~stop]
                 kept = {name: value[keep] for name, value in kept.items()}
+
+
+def _pass(model, cache, canvas, sc, top_k, sampling, *, history, pinned, positions=None):
+    """One model pass and the sampler on it: ``(logits, StepResult, ids)``. With ``top_k`` the
+    sampler sees each position's top-k logits and ``ids`` [B, C', k] are their token ids (None
+    otherwise); ``sc`` is the self-conditioning input ``(logits, probs, ids)``."""
+    sc_logits, sc_probs, sc_ids = sc
+    logits = model.denoise(canvas, cache, sc_logits, self_conditioning_probs=sc_probs,
+                           self_conditioning_ids=sc_ids, positions=positions)
+    if not top_k:
+        return logits, sampler_step(logits, history=history, pinned=pinned, **sampling), None
+    values, ids = top_k_logits(logits, top_k)
+    r = sampler_step(values, history=history, pinned=pinned, token_ids=ids, vocab_size=logits.shape[-1], **sampling)
+    return logits, r, ids
 
 
 def _slots(frozen: np.ndarray, every: bool) -> tuple[mx.array, mx.array]:

@@ -176,6 +176,36 @@ def sample_tokens(scaled_logits: mx.array, key: mx.array) -> mx.array:
     return _inverse_cdf(blocks, block_sums, argmax, _uniforms(scaled.shape[:-1], key))
 
 
+TOPK_BLOCK = 512
+"""Block width of :func:`top_k_logits`' first level."""
+
+
+def top_k_logits(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """The ``k`` largest logits of each position and their token ids: [..., V] -> ([..., k],
+    int32 [..., k]), in no particular order; exact (ties may pick either token).
+
+    Hierarchical for a large vocabulary: the maximum of each block of :data:`TOPK_BLOCK` logits,
+    the ``k`` blocks with the largest maxima (every one of the top k lies in such a block: a block
+    holding one has a maximum at least as large, and at most k blocks do), then the top ``k`` of
+    those ``k * TOPK_BLOCK`` candidates. One pass over V plus a partition of 1/(V / k / 512) of it,
+    instead of a partition of all of V.
+    """
+    V = logits.shape[-1]
+    if k >= V:
+        ids = mx.broadcast_to(mx.arange(V, dtype=mx.int32), logits.shape)
+        return logits, ids
+    if V % TOPK_BLOCK or V // TOPK_BLOCK <= 4 * k:
+        ids = mx.argpartition(-logits, k - 1, axis=-1)[..., :k].astype(mx.int32)
+        return mx.take_along_axis(logits, ids, axis=-1), ids
+    lead = logits.shape[:-1]
+    blocks = logits.reshape(*lead, V // TOPK_BLOCK, TOPK_BLOCK)
+    top_blocks = mx.argpartition(-blocks.max(-1), k - 1, axis=-1)[..., :k].astype(mx.int32)  # [..., k]
+    candidates = mx.take_along_axis(blocks, top_blocks[..., None], axis=-2).reshape(*lead, k * TOPK_BLOCK)
+    j = mx.argpartition(-candidates, k - 1, axis=-1)[..., :k].astype(mx.int32)
+    ids = mx.take_along_axis(top_blocks, j // TOPK_BLOCK, axis=-1) * TOPK_BLOCK + j % TOPK_BLOCK
+    return mx.take_along_axis(candidates, j, axis=-1), ids
+
+
 def _per_row(draw, shape: tuple[int, ...], key: mx.array) -> mx.array:
     # draw(shape, key) with one key, or row by row with one key per row ([B, 2]), so that row b
     # gets exactly what draw((1, *shape[1:]), key[b]) gives.
@@ -254,6 +284,8 @@ def sampler_step(
     stability_threshold: int,
     key: mx.array,
     pinned: Optional[mx.array] = None,
+    token_ids: Optional[mx.array] = None,
+    vocab_size: Optional[int] = None,
 ) -> StepResult:
     """One denoising step of the sampler for decoder logits [B, C, V] at step ``step``.
 
@@ -267,6 +299,11 @@ def sampler_step(
     ``pinned`` (int32 [B, C], -1 = free) fixes tokens (see the module docstring); ``entropy`` stays
     the model's own at pinned positions, ``mean_entropy`` is over the free ones. ``key`` is one
     key [2] or one per row [B, 2].
+
+    Top-k sampling (opt-in, not the reference's): ``logits`` [B, C, K] are each position's K
+    largest (:func:`top_k_logits`) and ``token_ids`` [B, C, K] their ids; the softmax, draws and
+    entropies are over those K, ``argmax``/``canvas`` hold token ids, ``scaled``/``probs`` stay
+    [B, C, K], and renoising draws from ``[0, vocab_size)``.
     """
     sample_key, noise_key = split_key(key)
     t = mx.array(temperature(step, max_steps, t_min, t_max), mx.float32)
@@ -277,6 +314,9 @@ def sampler_step(
         with mx.stream(stream):
             pieces.append(_per_position(logits[..., a:b, :], t, u[..., a:b, :]))
     scaled, argmax, entropy, sampled, probs = (_join(list(p)) for p in zip(*pieces))
+    if token_ids is not None:
+        argmax = mx.take_along_axis(token_ids, argmax[..., None], axis=-1)[..., 0]
+        sampled = mx.take_along_axis(token_ids, sampled[..., None], axis=-1)[..., 0]
     if pinned is None:
         accepted = accept_from_entropy(entropy, entropy_bound)
         mean_entropy = entropy.mean(-1)
@@ -291,7 +331,7 @@ def sampler_step(
         nothing_free = n_free == 0
     stop = is_stable(history, argmax, stability_threshold) & (mean_entropy < confidence_threshold)
     return StepResult(
-        canvas=renoise(accepted, sampled, logits.shape[-1], noise_key),
+        canvas=renoise(accepted, sampled, vocab_size or logits.shape[-1], noise_key),
         argmax=argmax,
         accepted=accepted,
         entropy=entropy,

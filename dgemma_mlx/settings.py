@@ -124,6 +124,9 @@ class GenerationSettings:
             keeps its token for the rest of the block, like a pinned one; the model's LM head and
             the sampler then run on the remaining positions only, and with an EOS frozen, the free
             positions after it are frozen to EOS (the EOS-filled tail the model was trained on).
+        top_k: opt-in fast sampling (not the reference's): the sampler's softmax, draws and
+            entropies, and the next pass's self-conditioning, use each position's ``top_k``
+            largest logits only (None: the whole vocabulary, as the reference does).
     """
 
     max_new_tokens: int = REFERENCE_GENERATION_CONFIG["max_new_tokens"]
@@ -136,6 +139,7 @@ class GenerationSettings:
     seed: Optional[int] = None
     temp: Optional[float] = None
     freeze_accepted: bool = False
+    top_k: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "steps", "stability_threshold"):
@@ -144,6 +148,8 @@ class GenerationSettings:
             object.__setattr__(self, name, _as_float(name, getattr(self, name)))
         object.__setattr__(self, "seed", _as_seed(self.seed))
         object.__setattr__(self, "freeze_accepted", _as_bool("freeze_accepted", self.freeze_accepted))
+        if self.top_k is not None:
+            object.__setattr__(self, "top_k", _as_int("top_k", self.top_k))
         if self.temp is not None:
             temp = _as_float("temp", self.temp)
             for name in ("temp", "t_min", "t_max"):
@@ -181,6 +187,8 @@ class GenerationSettings:
             raise SettingError("steps", f"steps must be at least 1 (got {self.steps})")
         if self.max_new_tokens <= 0:
             raise SettingError("max_new_tokens", f"max-tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.top_k is not None and self.top_k < 1:
+            raise SettingError("top_k", f"top-k must be at least 1 (got {self.top_k})")
         if self.entropy_bound <= 0:
             raise SettingError("entropy_bound", f"entropy-bound must be positive (got {self.entropy_bound})")
         if self.temp is not None and self.temp <= 0:  # the schedule never reaches t_min; temp is every pass

@@ -408,3 +408,20 @@ def test_freeze_accepted_is_opt_in():
     assert GenerationSettings().update(freeze_accepted="true").freeze_accepted is True
     with pytest.raises(SettingError, match="freeze_accepted"):
         GenerationSettings().update(freeze_accepted="maybe")
+
+
+def test_top_k_sampling_draws_among_each_positions_k_most_likely_tokens(model, tokenizer, prompt):
+    from dgemma_mlx.sampler import top_k_logits
+
+    C, V = model.args.canvas_length, model.args.vocab_size
+    cache = model.make_cache()
+    model.encode(mx.array(prompt)[None], cache)
+    canvas = initial_canvas((1, C), V, mx.random.key(0))
+    settings = default_settings(model).update(top_k=2, steps=6, entropy_bound=3.0)
+    spy = DenoiseSpy(model)
+    passes = list(refine_block(spy, cache, canvas, settings=settings, key=mx.random.key(1)))
+    assert len(passes) == 6 and len(spy.canvases) == 6
+    # the first pass (no self-conditioning yet): its accepted draws are among the top 2 there
+    top = np.array(top_k_logits(model.denoise(canvas, cache), 2)[1])[0]
+    accepted = np.flatnonzero(np.array(passes[0].accepted)[0])
+    assert len(accepted) > 1 and all(spy.canvases[1][i] in top[i] for i in accepted)

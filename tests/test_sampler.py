@@ -410,3 +410,57 @@ def test_sampler_step_does_not_synchronise_with_the_host():
     plain = step(logits, mx.random.key(0), *history)
     for a, b in zip(compiled, plain):
         np.testing.assert_allclose(np_(a), np_(b), rtol=1e-6, atol=1e-9)
+
+
+# -- opt-in top-k sampling ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("V, k", [(32768, 4), (1000, 16), (512 * 64, 64)])
+def test_top_k_logits_are_the_k_largest_of_each_position_with_their_ids(V, k):
+    from dgemma_mlx.sampler import top_k_logits
+
+    logits = mx.random.normal((2, 5, V), key=mx.random.key(V + k))
+    values, ids = top_k_logits(logits, k)
+    x = np.array(logits)
+    expected = np.sort(x, axis=-1)[..., -k:]
+    assert np.array_equal(np.sort(np.array(values), -1), expected)
+    assert np.array_equal(np.take_along_axis(x, np.array(ids), -1), np.array(values))
+
+
+def test_top_k_covering_the_vocabulary_gives_the_full_samplers_decisions():
+    from dgemma_mlx.sampler import top_k_logits
+
+    logits = mx.random.normal((2, 6, 40), key=mx.random.key(1)) * 3
+    values, ids = top_k_logits(logits, 40)
+    kw = dict(step=5, history=[], stability_threshold=1, key=mx.random.key(2), **STEP_ARGS)
+    full = sampler_step(logits, **kw)
+    top = sampler_step(values, token_ids=ids, vocab_size=40, **kw)
+    for name in ("canvas", "argmax", "accepted", "entropy", "mean_entropy", "stop"):
+        assert np.array_equal(np.array(getattr(full, name)), np.array(getattr(top, name))), name
+
+
+def test_top_k_sampling_draws_only_the_k_most_likely_tokens_and_renoises_over_the_vocabulary():
+    from dgemma_mlx.sampler import top_k_logits
+
+    V, k = 3000, 3
+    logits = mx.random.normal((1, 64, V), key=mx.random.key(3))
+    values, ids = top_k_logits(logits, k)
+    r = sampler_step(values, step=48, history=[], stability_threshold=1, key=mx.random.key(4),
+                     token_ids=ids, vocab_size=V, **{**STEP_ARGS, "entropy_bound": 1e9})
+    top = np.array(ids)[0]
+    assert all(t in row for t, row in zip(np.array(r.canvas)[0], top))  # every position accepted here
+    assert np.array(r.probs).shape == (1, 64, k)
+    r = sampler_step(values, step=48, history=[], stability_threshold=1, key=mx.random.key(4),
+                     token_ids=ids, vocab_size=V, **{**STEP_ARGS, "entropy_bound": 0.0})
+    renoised = np.array(r.canvas)[0][~np.array(r.accepted)[0]]
+    assert renoised.max() >= k  # fresh noise comes from the whole vocabulary
+
+
+def test_sparse_self_conditioning_equals_the_dense_distribution_it_stands_for(model):
+    V = model.args.vocab_size
+    probs = mx.softmax(mx.random.normal((1, 4, 5), key=mx.random.key(5)), axis=-1)
+    ids = mx.array(np.stack([np.random.default_rng(i).choice(V, 5, replace=False) for i in range(4)])[None])
+    dense = np.zeros((1, 4, V), np.float32)
+    np.put_along_axis(dense, np.array(ids), np.array(probs), axis=-1)
+    assert np.allclose(np.array(model.soft_embedding(probs, ids)), np.array(model.soft_embedding(mx.array(dense))),
+                       atol=1e-5)
