@@ -15,6 +15,10 @@ the free tail after a frozen EOS is EOS).
   ``--lines`` held-out lines, and function-body completion on ``--functions`` held-out functions:
   passes per block, tokens per pass, milliseconds per block.
 
+``--speed-passes N`` also times N passes of one block for each configuration on a random
+float32 model with the real vocabulary (262,144) and the sweep's small MoE stack, where the
+sampler and self-conditioning weigh most.
+
 Each quality figure comes with its binomial standard error; a configuration's change against
 ``reference`` is "within noise" when it is under twice the combined standard error.
 
@@ -126,6 +130,56 @@ def code_rows(model, tokenizer, work: Path, lines: int, functions: int, override
     return out
 
 
+# The sweep's vocabulary shape (benchmarks/sweep.py): a small MoE stack with the real vocabulary,
+# where the sampler and self-conditioning are the largest part of a pass.
+SPEED_SHAPE = dict(
+    model_type="diffusion_gemma", canvas_length=256,
+    text_config=dict(
+        vocab_size=262144, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
+        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, head_dim=128, global_head_dim=256,
+        num_global_key_value_heads=2, sliding_window=512, num_experts=32, top_k_experts=4,
+        max_position_embeddings=4096, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6, use_bidirectional_attention="vision", bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    ),
+)
+
+
+def speed_rows(names: list[str], passes: int, prompt: int, seed: int) -> list[dict]:
+    """Wall time of ``passes`` denoising passes of one block on a random float32 model of
+    :data:`SPEED_SHAPE` for each configuration (the stop rule off, so every config runs them all;
+    ``freeze`` accepts more positions each pass than a real model's first passes would)."""
+    import mlx.core as mx
+
+    from dgemma_mlx.config import ModelArgs
+    from dgemma_mlx.model import Model
+    from dgemma_mlx.refine import initial_canvas, refine_block
+    from dgemma_mlx.settings import GenerationSettings
+
+    args = ModelArgs.from_config(SPEED_SHAPE)
+    mx.random.seed(seed)
+    model = Model(args)
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    cache = model.make_cache()
+    model.encode(mx.random.randint(3, args.vocab_size, (1, prompt), key=mx.random.key(seed)), cache)
+    C, V = args.canvas_length, args.vocab_size
+    rows = []
+    for n in names:
+        over = {k: v for k, v in CONFIGS[n].items() if k != "steps"}
+        settings = GenerationSettings(steps=passes, stability_threshold=0, confidence_threshold=1e-30, **over)
+        times = []
+        for repeat in range(2):  # the first run warms up
+            canvas = initial_canvas((1, C), V, mx.random.key(repeat))
+            start = time.perf_counter()
+            last = None
+            for last in refine_block(model, cache, canvas, settings=settings, key=mx.random.key(seed)):
+                pass
+            times.append(time.perf_counter() - start)
+        rows.append({"config": n, "passes": int(last.passes[0]), "ms_per_pass": 1000 * times[-1] / int(last.passes[0])})
+        print(f"speed: {n} {rows[-1]['ms_per_pass']:.0f} ms/pass", file=sys.stderr, flush=True)
+    return rows
+
+
 def verdict(value: float, err: float, ref: float, ref_err: float) -> str:
     delta = value - ref
     noise = 2 * math.sqrt(err**2 + ref_err**2)
@@ -143,6 +197,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lines", type=int, default=50, help="held-out lines to infill (0: none)")
     p.add_argument("--functions", type=int, default=20, help="held-out function bodies to complete (0: none)")
+    p.add_argument("--speed-passes", type=int, default=0,
+                   help="also time this many passes per config on a random model with the real vocabulary (0: no)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/fast-sampling-<time>.json)")
     a = p.parse_args()
@@ -168,6 +224,9 @@ def main() -> None:
             print(f"code: {n}...", file=sys.stderr, flush=True)
             result["code"][n] = code_rows(model, tok, a.code_work, a.lines, a.functions, CONFIGS[n], a.seed)
 
+    if a.speed_passes:
+        result["speed"] = {"shape": SPEED_SHAPE, "prompt": 256,
+                           "rows": speed_rows(names, a.speed_passes, 256, a.seed)}
     out = a.out or ROOT / "benchmarks" / "results" / f"fast-sampling-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -199,6 +258,12 @@ def table(result: dict, names: list[str]) -> str:
                 f"| {n} | {i.get('exact_match', float('nan')):.1%} | {vs} | {i.get('mean_passes', float('nan')):.1f} | "
                 f"{m.get('parse_rate', float('nan')):.0%} | {m.get('passes_per_block', float('nan')):.1f} | "
                 f"{m.get('tokens_per_pass', float('nan')):.2f} | {m.get('ms_per_block', float('nan')):.0f} |")
+    if result.get("speed"):
+        rows = result["speed"]["rows"]
+        base = next((r["ms_per_pass"] for r in rows if r["config"] == "reference"), None)
+        lines += ["", "| config | ms per pass (vocab 262144 shape) | vs reference |", "| --- | --- | --- |"]
+        lines += [f"| {r['config']} | {r['ms_per_pass']:.0f} | {r['ms_per_pass'] / base:.2f}x |" if base else
+                  f"| {r['config']} | {r['ms_per_pass']:.0f} | |" for r in rows]
     return "\n".join(lines)
 
 
