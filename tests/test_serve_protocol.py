@@ -33,6 +33,12 @@ def test_chat_request_takes_diffusion_settings_as_extra_fields():
     assert req.think and not req.stream
 
 
+@pytest.mark.parametrize("top_k, expected", [(64, 64), (-1, None), (0, None)])
+def test_fast_sampling_comes_as_extra_fields_with_vllms_top_k(top_k, expected):
+    req = parse_chat({"model": "m", "messages": [user()], "top_k": top_k, "freeze_accepted": True}, "m", DEFAULTS)
+    assert req.settings.top_k == expected and req.settings.freeze_accepted is True
+
+
 def test_max_completion_tokens_wins_over_max_tokens():
     req = parse_chat({"model": "m", "messages": [user()], "max_tokens": 10, "max_completion_tokens": 20}, "m", DEFAULTS)
     assert req.settings.max_new_tokens == 20
@@ -53,6 +59,7 @@ def test_sampling_fields_this_model_does_not_use_are_accepted_and_ignored():
 
 
 @pytest.mark.parametrize("field, value", [("seed", True), ("seed", 1.5), ("seed", -1), ("steps", "4"), ("think", "yes"),
+                                          ("top_k", 2.5), ("freeze_accepted", "yes"),
                                           ("stream", 1), ("logprobs", True), ("tools", [{"type": "function"}])])
 def test_wrongly_typed_or_unsupported_fields_are_400s_naming_the_field(field, value):
     with pytest.raises(APIError) as e:

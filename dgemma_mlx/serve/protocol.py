@@ -4,7 +4,8 @@ Requests are checked field by field so that a bad value is reported as OpenAI re
 status and ``{"error": {"message", "type", "param", "code"}}``. The standard fields used are
 ``model``, ``messages`` / ``prompt``, ``max_tokens`` (or ``max_completion_tokens``), ``seed``,
 ``stream``, ``stream_options``, ``stop`` and ``n`` (1); DiffusionGemma's own settings come as extra
-body fields: ``steps``, ``entropy_bound``, ``t_min``, ``t_max`` and (chat) ``think`` and
+body fields: ``steps``, ``entropy_bound``, ``t_min``, ``t_max``, the opt-in fast sampling
+``top_k`` (vLLM's field; -1 or 0: off) and ``freeze_accepted``, and (chat) ``think`` and
 ``image_tokens``. User messages may carry ``image_url`` parts: data URLs (base64) or local paths
 (``file://`` or plain); remote URLs are never fetched. Other OpenAI fields (``temperature``,
 ``top_p``, penalties, ``user`` ...) are accepted and ignored, as vLLM does; requests that need
@@ -266,7 +267,11 @@ def _settings(body: dict, defaults: GenerationSettings, max_tokens: Optional[int
         "steps": ("steps", _optional(body, "steps", int)),
         "entropy_bound": ("entropy_bound", _optional(body, "entropy_bound", float)),
         "seed": ("seed", _optional(body, "seed", int)),
+        "freeze_accepted": ("freeze_accepted", _optional(body, "freeze_accepted", bool)),
     }
+    top_k = _optional(body, "top_k", int)
+    if top_k is not None and top_k > 0:  # vLLM's field: -1 or 0 means the whole vocabulary
+        values["top_k"] = ("top_k", top_k)
     seed = values["seed"][1]
     if seed is not None and not 0 <= seed < 2**64:
         raise bad_request("'seed' must be between 0 and 2**64 - 1", "seed")
