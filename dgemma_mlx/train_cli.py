@@ -17,6 +17,7 @@ CONFIG_KEYS = {
     "max_seq_length", "seed", "steps_per_report", "steps_per_eval", "val_batches", "save_every",
     "resume_adapter_file", "grad_checkpoint", "test", "encoder_loss_weight", "noise_min", "noise_max",
     "self_conditioning_p", "lora_rank", "lora_alpha", "lora_dropout", "lora_scale", "lora_mode", "force", "compile",
+    "stop_after",
 }
 
 
@@ -100,6 +101,7 @@ def train(
     steps_per_eval: Optional[int] = typer.Option(None, "--steps-per-eval", help="Validation loss every N steps (default 200)."),
     val_batches: Optional[int] = typer.Option(None, "--val-batches", help="Validation batches per evaluation; -1: the whole set (default 25)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Resumable checkpoint every N steps (default 100)."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="End this run at iteration N with a resumable checkpoint; the schedule stays set for --iters."),
     resume_adapter_file: Optional[str] = typer.Option(None, "--resume-adapter-file", help="Continue from OUT/checkpoint, or start from saved adapters."),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute MLP activations in the backward pass (less memory)."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Run steps uncompiled (by default a step compiles into one graph when the experts allow it)."),
@@ -159,6 +161,10 @@ def train(
     )
     with TrainingView(args.iters, trainer.iteration) as view:
         trainer.run(view)
+    if trainer.iteration < args.iters:
+        err.print(f"Stopped at iteration {trainer.iteration} of {args.iters}: continue with "
+                  f"--resume-adapter-file {trainer.checkpoint_dir}", highlight=False)
+        return
     err.print(f"Wrote {out}", highlight=False)
     if do_test:
         if trainer.test_set is None:

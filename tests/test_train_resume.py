@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import signal
 import subprocess
@@ -68,6 +69,17 @@ def test_resumed_run_continues_the_uninterrupted_loss_curve(checkpoint, data, tm
     assert wa.keys() == wb.keys()
     for k in wa:
         np.testing.assert_allclose(np.array(wa[k]), np.array(wb[k]), atol=1e-6, rtol=0)
+
+
+def test_a_run_stopped_after_n_iterations_resumes_to_the_uninterrupted_result(checkpoint, data, tmp_path):
+    whole = run(checkpoint, data, tmp_path / "whole", args("full"))
+    cut = run(checkpoint, data, tmp_path / "cut", replace(args("full"), stop_after=STOP))
+    assert cut.iteration == STOP and not list((tmp_path / "cut").glob("*.safetensors"))  # no final result yet
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["iteration"] == STOP
+    resumed = run(checkpoint, data, tmp_path / "cut", args("full"), resume=tmp_path / "cut" / "checkpoint")
+    np.testing.assert_allclose(np.array(losses(resumed.history))[:, 1:], np.array(losses(whole.history))[:, 1:],
+                               atol=1e-6, rtol=0)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(checkpoint, data, tmp_path):

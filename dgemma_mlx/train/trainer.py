@@ -57,6 +57,7 @@ class TrainingArgs:
     self_conditioning_p: float = 0.5
     grad_checkpoint: bool = False
     compile: bool = True  # compile the step (with grad_accumulation_steps == 1)
+    stop_after: Optional[int] = None  # end this run there with a resumable checkpoint (schedule: iters)
     lora: AdapterConfig = field(default_factory=AdapterConfig)
 
     def validate(self) -> None:
@@ -71,6 +72,8 @@ class TrainingArgs:
             raise DGemmaError("--learning-rate must be positive")
         if self.max_seq_length <= 0:
             raise DGemmaError("--max-seq-length must be at least 1")
+        if self.stop_after is not None and self.stop_after <= 0:
+            raise DGemmaError("--stop-after must be at least 1")
         if self.val_batches == 0:
             raise DGemmaError("--val-batches must be at least 1 (or -1: the whole validation set)")
         if self.seed < 0:
@@ -248,7 +251,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- the loop
     def run(self, report: Callable[[Report], None] = lambda r: None) -> None:
-        """Train until ``iters``; Ctrl-C saves a resumable checkpoint and re-raises."""
+        """Train until ``iters`` (or ``stop_after``: then leave a resumable checkpoint, as Ctrl-C
+        does, and return); Ctrl-C saves a resumable checkpoint and re-raises."""
         a = self.args
         self.model.train()
         self._batches = iterate_batches(
@@ -280,9 +284,11 @@ class Trainer:
                     tick = now
                 if self.valid_set is not None and (it % a.steps_per_eval == 0 or it == a.iters):
                     self._record(Report("val", it, *self.evaluate(self.valid_set, a.val_batches)), report)
-                if it % a.save_every == 0 and it < a.iters:
+                if it < a.iters and (it % a.save_every == 0 or it == a.stop_after):
                     self.save_checkpoint()
                     report(Report("save", it, path=str(self.checkpoint_dir)))
+                if a.stop_after is not None and a.stop_after <= it < a.iters:
+                    return
         except KeyboardInterrupt:
             if self.iteration > first:
                 self.save_checkpoint()
