@@ -27,6 +27,7 @@ from dgemma_mlx.infill import (
     stream_edit,
     stream_infill,
 )
+from test_cli import restore_sigint
 from tiny import DenoiseSpy
 
 FAST = dict(steps=3, seed=1)
@@ -263,7 +264,8 @@ def test_interrupted_in_place_edit_leaves_the_file_as_it_was(checkpoint, tmp_pat
     events = tmp_path / "events.jsonl"
     child = pexpect.spawn(sys.executable, ["-m", "dgemma_mlx", "edit", "-m", str(checkpoint), "--steps", "48",
                                            "--events", str(events), str(path), "--lines", "2-40", "-i"],
-                          env={**os.environ, "COLUMNS": "100"}, dimensions=(30, 100), encoding="utf-8", timeout=120)
+                          env={**os.environ, "COLUMNS": "100"}, dimensions=(30, 100), encoding="utf-8", timeout=120,
+                          preexec_fn=restore_sigint)
     child.expect("step")  # the live view is up: the edit is running
     child.kill(2)
     child.expect(pexpect.EOF)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import train_reference as R
+from test_cli import restore_sigint
 from dgemma_mlx.train import TrainingArgs, run
 from dgemma_mlx.train.run import prepare
 
@@ -87,7 +88,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(checkpoint, data, tmp_path):
     cmd = [sys.executable, "-m", "dgemma_mlx", "train", "--model", str(checkpoint), "--data", str(data),
            "--adapter-path", str(out), "--iters", "100000", "--batch-size", "2", "--steps-per-report", "1",
            "--lora-rank", "4"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"},
+                            preexec_fn=restore_sigint)
     lines = []
     for line in proc.stderr:
         lines.append(line)
