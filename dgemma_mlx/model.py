@@ -279,8 +279,9 @@ class Model(nn.Module):
         signal of the rows where it is False (training: self-conditioning per example). The cache is
         not modified; its ``offset`` may be an int array [B] (one canvas position per row).
         ``self_conditioning_ids`` (int [B, C, K]) makes ``self_conditioning_probs`` sparse: [B, C, K],
-        the probabilities of those tokens (top-k sampling). ``positions`` (int [B, K]) asks for the logits of those canvas positions only ([B, K, V]):
-        the LM head, the largest matmul with a real vocabulary, then runs on K positions, not C.
+        the probabilities of those tokens (top-k sampling). ``positions`` (int [B, K]) asks for the
+        logits of those canvas positions only ([B, K, V]): the LM head, the largest matmul with a
+        real vocabulary, then runs on K positions, not C.
         """
         if canvas.ndim == 1:
             canvas = canvas[None]

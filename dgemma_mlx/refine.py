@@ -97,8 +97,7 @@ def refine_block(
     if key.ndim == 1 and B > 1:
         key = mx.random.split(key, B)
     steps = settings.steps
-    freeze = bool(getattr(settings, "freeze_accepted", False))
-    top_k = getattr(settings, "top_k", None)
+    freeze, top_k = settings.freeze_accepted, settings.top_k
     use_probs = model.dtype == mx.float32
     rows = np.arange(B)  # the rows still refined, in batch order
     stopped = np.zeros(B, dtype=bool)
