@@ -104,8 +104,11 @@ class Ours(MlxImpl):
         return c
 
     def step(self, cache, ctx, sc):
-        logits = self.model.denoise(ctx, cache, sc)
-        self.mx.eval(logits)
+        from dgemma_mlx.ops import host_math
+
+        with host_math():  # as generation runs its passes
+            logits = self.model.denoise(ctx, cache, sc)
+            self.mx.eval(logits)
         return logits
 
     def to_numpy(self, logits):
@@ -120,7 +123,14 @@ class Ours(MlxImpl):
         one lazy graph, so they add up to a little more than a step). It follows
         :meth:`Model.denoise` and the denoise path of ``DecoderLayer.__call__`` (the runner checks
         its logits against a real step's), then runs the sampler (``sampler_step``, as generate
-        does after each pass) on the logits. Returns ``({part: seconds}, logits)``."""
+        does after each pass) on the logits; with host math, as generation runs a pass. Returns
+        ``({part: seconds}, logits)``."""
+        from dgemma_mlx.ops import host_math
+
+        with host_math():
+            return self._profile_step(cache, ctx, sc)
+
+    def _profile_step(self, cache, ctx, sc) -> tuple[dict, Any]:
         from dgemma_mlx.ops import rows_in_parallel, softmax
 
         mx, m = self.mx, self.model

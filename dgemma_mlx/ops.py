@@ -7,16 +7,22 @@ Transcendentals (tanh, exp) are the CPU backend's slow ops; the CPU kernels repl
 compiled polynomials (:func:`tanh`, :func:`exp2`, :func:`gelu_mul`). Other elementwise chains stay
 plain on the CPU (:func:`fused` compiles them for the GPU only): measured here, compiled exp(s - m)
 over 35M scores took 703 ms against 577 ms plain.
+
+Inference passes go further (:func:`host_math`): the vocabulary-sized soft cap, softmax and
+exponentials run in NumPy's SIMD loops on the arrays' own memory.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 
 def on_cpu() -> bool:
@@ -165,6 +171,8 @@ def _fast_softcap_vjp(primals, cotangent, output):
 
 def softcap(x: mx.array, cap: float) -> mx.array:
     """``cap * tanh(x / cap)`` (one compiled pass with the CPU kernels)."""
+    if host_math_applies(x):
+        return _host_softcap(x, cap)
     if cpu_kernels() and x.dtype == mx.float32:
         return _fast_softcap(x, mx.array(cap, mx.float32))
     return mx.tanh(x / cap) * cap
@@ -177,6 +185,8 @@ def tanh(x: mx.array) -> mx.array:
 
 def exp2(x: mx.array) -> mx.array:
     """``2 ** x`` (a polynomial within float32 rounding with the CPU kernels; 0 below 2**-126)."""
+    if host_math_applies(x):
+        return host_map(lambda xs, out: np.exp2(xs, out=out), x)[0]
     return _fast_exp2(x) if cpu_kernels() else mx.power(2.0, x)
 
 
@@ -204,6 +214,8 @@ def shifted_exp2(s: mx.array, m: mx.array) -> mx.array:
 def softmax(x: mx.array) -> mx.array:
     """Softmax over the last axis, in float32 (base-2 exponentials, see :data:`LOG2E`)."""
     x = x.astype(mx.float32)
+    if host_math_applies(x):
+        return host_map(_host_softmax, x, rowwise=True)[0]
     e = exp2((x - mx.stop_gradient(x.max(axis=-1, keepdims=True))) * LOG2E)
     return e / e.sum(axis=-1, keepdims=True)
 
@@ -241,10 +253,105 @@ def rows_in_parallel(fn, x: mx.array) -> mx.array:
     otherwise run on one CPU core. (Matmuls stay on one stream: two concurrent BLAS calls only
     contend for the same cores.)"""
     ranges = split_range(x.shape[-2])
-    if len(ranges) == 1:
+    if len(ranges) == 1 or host_math_applies(x):  # host math splits its rows over threads itself
         return fn(x)
     parts = []
     for (a, b), stream in zip(ranges, compute_streams()):
         with mx.stream(stream):
             parts.append(fn(x[..., a:b, :]))
     return mx.concatenate(parts, axis=-2)
+
+
+# ---------------------------------------------------------------------------------- host math
+# MLX's CPU backend runs a transcendental as one scalar call per element, and even its compiled
+# polynomials above run unvectorised (~12 ns per float); NumPy's ufuncs run SIMD loops (AVX2 /
+# AVX-512 / NEON) and release the GIL. Measured on this 2-core machine over [256, 262144] floats:
+# the soft cap 650-730 ms (polynomial, two streams) against 180 ms here (two threads, NumPy on the
+# MLX buffers). It evaluates its input and writes into new MLX buffers, so it is for inference
+# only: no gradient flows through it, and MLX refuses the evaluation inside `mx.compile` / `vmap`
+# (ValueError). So it is off unless asked for: generation turns it on around each pass.
+HOST_MATH_MIN_SIZE = 1 << 20
+"""Arrays smaller than this (elements) stay on the MLX ops: the host round trip costs more."""
+
+_HOST = threading.local()
+_POOL: list = []
+
+
+@contextmanager
+def host_math(enabled: bool = True) -> Iterator[None]:
+    """Within this context (this thread only), large float32 soft caps, softmaxes and
+    exponentials run as NumPy SIMD loops with the CPU kernels (see :func:`host_math_applies`).
+    Only for values no gradient is taken through."""
+    previous = getattr(_HOST, "on", False)
+    _HOST.on = enabled
+    try:
+        yield
+    finally:
+        _HOST.on = previous
+
+
+def host_math_applies(x: mx.array) -> bool:
+    """Whether ``x`` takes the host path: :func:`host_math` on, the CPU kernels, float32, and at
+    least :data:`HOST_MATH_MIN_SIZE` elements."""
+    return (getattr(_HOST, "on", False) and cpu_kernels() and x.dtype == mx.float32
+            and x.size >= HOST_MATH_MIN_SIZE and x.ndim >= 1)
+
+
+def _pool() -> ThreadPoolExecutor:
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8)), thread_name_prefix="dgemma-host"))
+    return _POOL[0]
+
+
+HOST_CHUNK = 1 << 15
+"""Elements per call of a host body: its temporaries stay in the core's cache between passes."""
+
+
+def host_map(body: Callable, *inputs: mx.array, outputs: int = 1, rowwise: bool = False) -> list[mx.array]:
+    """``outputs`` new float32 arrays of ``inputs[0]``'s shape, written by ``body(*ins, *outs)``
+    on NumPy views of the MLX buffers, over a thread pool.
+
+    Every input is either of ``inputs[0]``'s shape or ``[..., 1]`` (one value per row; rows are all
+    axes but the last). ``body`` gets 2-D blocks of about :data:`HOST_CHUNK` elements: whole rows
+    when ``rowwise`` (it reduces over the last axis), else pieces of rows too.
+    """
+    mx.eval(*inputs)
+    shape = inputs[0].shape
+    V = shape[-1]
+    views = [np.asarray(x).reshape(-1, x.shape[-1]) for x in inputs]
+    outs = [mx.zeros(shape, mx.float32) for _ in range(outputs)]
+    mx.eval(*outs)
+    out_views = [np.asarray(o).reshape(-1, V) for o in outs]
+    rows = views[0].shape[0]
+    parts = max(1, min(rows, _pool()._max_workers))
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    cols = V if rowwise else min(V, HOST_CHUNK)
+    step = max(1, HOST_CHUNK // V)
+
+    def run(a: int, b: int) -> None:
+        for r in range(a, b, step):
+            r1 = min(r + step, b)
+            for c in range(0, V, cols):
+                c1 = c + cols
+                body(*(v[r:r1] if v.shape[1] == 1 else v[r:r1, c:c1] for v in views),
+                     *(o[r:r1, c:c1] for o in out_views))
+
+    for f in [_pool().submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
+        f.result()
+    return outs
+
+
+def _host_softcap(x: mx.array, cap: float) -> mx.array:
+    def body(xs, out):
+        np.divide(xs, np.float32(cap), out=out)
+        np.tanh(out, out=out)
+        out *= np.float32(cap)
+
+    return host_map(body, x)[0]
+
+
+def _host_softmax(xs: np.ndarray, out: np.ndarray) -> None:
+    np.subtract(xs, xs.max(axis=-1, keepdims=True), out=out)
+    out *= np.float32(LOG2E)
+    np.exp2(out, out=out)
+    out /= out.sum(axis=-1, keepdims=True, dtype=np.float32)

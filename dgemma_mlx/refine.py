@@ -5,7 +5,8 @@ Sudoku puzzles after one shared instruction, or one block of :func:`~dgemma_mlx.
 until each row's stop rule fires or ``settings.steps`` passes are done. A row that stops keeps its
 final argmax, acceptance and entropy and drops out of the batch (later passes run the model on the
 remaining rows only). It waits for the device once per pass: the stop flags it needs to decide
-whether to go on are read together with everything the pass reports.
+whether to go on are read together with everything the pass reports. (With the CPU kernels, the
+pass's vocabulary-sized soft cap and exponentials also run on the host: :func:`~dgemma_mlx.ops.host_math`.)
 
 With one key per row (``key`` [B, 2]; a single key is split into B for B > 1) every row draws exactly
 the random numbers a one-row run with its key would, so the batch reproduces B independent runs
@@ -20,6 +21,7 @@ from typing import Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .ops import host_math
 from .sampler import sampler_step, split_key, temperature, top_k_logits, uniform_tokens
 
 
@@ -201,12 +203,13 @@ def _pass(model, cache, canvas, sc, top_k, sampling, *, history, pinned, positio
     sampler sees each position's top-k logits and ``ids`` [B, C', k] are their token ids (None
     otherwise); ``sc`` is the self-conditioning input ``(logits, probs, ids)``."""
     sc_logits, sc_probs, sc_ids = sc
-    logits = model.denoise(canvas, cache, sc_logits, self_conditioning_probs=sc_probs,
-                           self_conditioning_ids=sc_ids, positions=positions)
-    if not top_k:
-        return logits, sampler_step(logits, history=history, pinned=pinned, **sampling), None
-    values, ids = top_k_logits(logits, top_k)
-    r = sampler_step(values, history=history, pinned=pinned, token_ids=ids, vocab_size=logits.shape[-1], **sampling)
+    with host_math():  # nothing here is differentiated
+        logits = model.denoise(canvas, cache, sc_logits, self_conditioning_probs=sc_probs,
+                               self_conditioning_ids=sc_ids, positions=positions)
+        if not top_k:
+            return logits, sampler_step(logits, history=history, pinned=pinned, **sampling), None
+        values, ids = top_k_logits(logits, top_k)
+        r = sampler_step(values, history=history, pinned=pinned, token_ids=ids, vocab_size=logits.shape[-1], **sampling)
     return logits, r, ids
 
 

@@ -21,7 +21,9 @@ over the free positions; a row with no free position stops at once).
 what a one-row call with ``key[b]`` draws, so a batch reproduces independent runs.
 
 Everything here is a pure function of ``mx.array``s that never synchronises with the host, so the
-generation loop can ``mx.async_eval`` a whole step.
+generation loop can ``mx.async_eval`` a whole step; the one exception is opt-in and CPU-only:
+inside :func:`~dgemma_mlx.ops.host_math` the vocabulary-sized exponentials evaluate their input
+and run as NumPy loops.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .ops import LOG2E, compute_streams, exp2, fused, split_range
+from .ops import LOG2E, compute_streams, exp2, fused, host_map, host_math_applies, split_range
 
 # Inverse-CDF sampling works on blocks of this many vocabulary entries (see `sample_tokens`).
 SAMPLE_BLOCK = 512
@@ -51,14 +53,31 @@ def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> float:
 
 
 # exp in base 2 (:func:`ops.exp2`: a compiled polynomial with the CPU kernels, where ``exp`` is
-# slow; the model's softmax computes the same values, so self-conditioning from these
-# probabilities equals self-conditioning from the logits). Compiled (fused) on the GPU.
-@fused
+# slow, or NumPy's with host math; the model's softmax computes the same values, so
+# self-conditioning from these probabilities equals self-conditioning from the logits). Compiled
+# (fused) on the GPU.
 def _exp_terms(scaled: mx.array, row_max: mx.array) -> tuple[mx.array, mx.array]:
     # e = exp(z) and e * z with z = scaled - max; z is clamped so that e = 0 gives 0, not nan.
+    if host_math_applies(scaled):
+        e, ez = host_map(_host_exp_terms, scaled, row_max, outputs=2)
+        return e, ez
+    return _exp_terms_mlx(scaled, row_max)
+
+
+@fused
+def _exp_terms_mlx(scaled: mx.array, row_max: mx.array) -> tuple[mx.array, mx.array]:
     z = scaled - row_max
     e = exp2(z * LOG2E)
     return e, e * mx.maximum(z, _F32_MIN)
+
+
+def _host_exp_terms(scaled: np.ndarray, row_max: np.ndarray, e: np.ndarray, ez: np.ndarray) -> None:
+    with np.errstate(all="ignore"):
+        np.subtract(scaled, row_max, out=ez)  # z
+        np.multiply(ez, np.float32(LOG2E), out=e)
+        np.exp2(e, out=e)
+        np.maximum(ez, np.float32(_F32_MIN), out=ez)
+        ez *= e
 
 
 def _block_view(x: mx.array) -> mx.array:

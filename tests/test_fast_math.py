@@ -96,3 +96,69 @@ def test_compiled_training_step_equals_the_plain_step(checkpoint, tmp_path):
 
     for (name, a), (_, b) in zip(tree_flatten(compiled.model.parameters()), tree_flatten(plain.model.parameters())):
         assert mx.abs(a - b).max().item() < 1e-5, name
+
+
+# -- host math: NumPy's SIMD loops for the vocabulary-sized inference arrays -------------------------
+
+
+def large(seed: int, scale: float = 8.0) -> mx.array:
+    x = mx.random.normal((4, 300_000), key=mx.random.key(seed)) * scale  # 1.2M floats: above the threshold
+    mx.eval(x)
+    return x
+
+
+def test_host_math_is_off_unless_asked_for_and_only_for_large_float32_arrays():
+    x = large(0)
+    assert not ops.host_math_applies(x)
+    with ops.host_math():
+        assert ops.host_math_applies(x)
+        assert not ops.host_math_applies(x[:, :1000])
+        assert not ops.host_math_applies(x.astype(mx.bfloat16))
+        with ops.host_math(False):
+            assert not ops.host_math_applies(x)
+        assert ops.host_math_applies(x)
+    assert not ops.host_math_applies(x)
+
+
+def test_host_math_is_off_with_the_fused_kernels():
+    ops.set_kernels("fused")
+    with ops.host_math():
+        assert not ops.host_math_applies(large(0))
+
+
+@pytest.mark.parametrize("name", ["softcap", "softmax", "exp2"])
+def test_host_math_equals_the_mlx_kernels_to_float32_rounding(name):
+    fn = {"softcap": lambda v: ops.softcap(v, 30.0), "softmax": ops.softmax, "exp2": ops.exp2}[name]
+    x = large(1, scale=40.0 if name != "exp2" else 20.0)
+    want = np.array(fn(x), dtype=np.float64)
+    with ops.host_math():
+        got = np.array(fn(x), dtype=np.float64)
+    scale = np.abs(want).max(axis=-1, keepdims=True)
+    assert np.abs(got - want).max() <= 1e-6 * scale.max()
+    if name == "softmax":
+        assert np.abs(got.sum(-1) - 1).max() < 1e-6  # pairwise sums: closer to 1 than MLX's
+
+
+def test_host_math_leaves_its_input_alone_and_gives_independent_outputs():
+    x = large(2)
+    before = np.array(x)
+    with ops.host_math():
+        a, b = ops.exp2(x), ops.exp2(x)
+    mx.eval(a, b)
+    np.asarray(a)[0, 0] = -1.0
+    assert np.array_equal(np.array(x), before)
+    assert np.array(b)[0, 0] != -1.0
+
+
+def test_sampler_exponentials_on_the_host_equal_the_mlx_ones():
+    from dgemma_mlx import sampler
+
+    s = large(3)
+    s = mx.where(mx.arange(s.shape[-1]) % 7 == 0, -mx.inf, s)  # masked logits give e = 0, e*z = 0
+    m = s.max(-1, keepdims=True)
+    e1, ez1 = sampler._exp_terms(s, m)
+    with ops.host_math():
+        e2, ez2 = sampler._exp_terms(s, m)
+    assert mx.abs(e1 - e2).max().item() < 1e-6
+    assert mx.abs(ez1 - ez2).max().item() < 1e-5
+    assert not mx.isnan(ez2).any().item()

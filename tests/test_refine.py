@@ -81,6 +81,25 @@ def test_without_pins_or_warm_start_generation_is_unchanged_bit_for_bit(model, t
     assert all(p.pinned is None for p in passes_of(events))
 
 
+
+@pytest.mark.parametrize("settings, tokens, recorded_digest", RECORDED[:2])
+def test_host_math_keeps_generation_bit_for_bit(model, tokenizer, prompt, settings, tokens, recorded_digest,
+                                                monkeypatch):
+    from dgemma_mlx import ops
+
+    monkeypatch.setattr(ops, "HOST_MATH_MIN_SIZE", 1)  # the tiny model's arrays take the host path too
+    calls = []
+    real = ops.host_map
+    monkeypatch.setattr(ops, "host_map", lambda *a, **k: calls.append(1) or real(*a, **k))
+    import dgemma_mlx.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "host_map", ops.host_map)
+    events = list(stream_generate(model, tokenizer, prompt, **settings))
+    assert calls  # it ran
+    assert events[-1].tokens == tokens
+    assert digest(passes_of(events)) == recorded_digest
+
+
 def pin_pattern(C: int, n: int, offset: int = 0) -> list:
     # Pins at every third generated position (token ids 200 + i), None elsewhere.
     return [200 + (i % 50) if (i + offset) % 3 == 0 else None for i in range(n)]
