@@ -198,6 +198,16 @@ class Model(nn.Module):
             soft = p @ e.weight
         return soft * mx.array(self.args.embed_scale, dtype=dt)
 
+    def self_conditioning_embedding(self, logits: Optional[mx.array] = None, *, probs: Optional[mx.array] = None,
+                                    ids: Optional[mx.array] = None) -> Optional[mx.array]:
+        """The self-conditioning signal's soft embedding [..., H] from the previous pass's
+        temperature-scaled ``logits`` [..., V], or from their softmax ``probs`` (sparse over ``ids``
+        [..., K] when given, see :meth:`soft_embedding`); None when there is no signal."""
+        if probs is None and logits is not None:
+            # The reference keeps these logits in the embedding dtype before its softmax.
+            probs = rows_in_parallel(softmax, logits.astype(self.dtype).astype(mx.float32))
+        return None if probs is None else self.soft_embedding(probs, ids)
+
     def logits(self, h: mx.array) -> mx.array:
         """Final norm, tied head, float32, soft cap ([B, L, H] -> [B, L, V])."""
         out = self.embed_tokens.as_linear(self.norm(h)).astype(mx.float32)
@@ -269,6 +279,7 @@ class Model(nn.Module):
         self_conditioning_probs: Optional[mx.array] = None,
         self_conditioning_mask: Optional[mx.array] = None,
         self_conditioning_ids: Optional[mx.array] = None,
+        self_conditioning_embedding: Optional[mx.array] = None,
         positions: Optional[mx.array] = None,
     ) -> mx.array:
         """Logits (float32 [B, C, V], soft-capped) for ``canvas`` (int [B, C]) placed after the cache.
@@ -279,22 +290,21 @@ class Model(nn.Module):
         signal of the rows where it is False (training: self-conditioning per example). The cache is
         not modified; its ``offset`` may be an int array [B] (one canvas position per row).
         ``self_conditioning_ids`` (int [B, C, K]) makes ``self_conditioning_probs`` sparse: [B, C, K],
-        the probabilities of those tokens (top-k sampling). ``positions`` (int [B, K]) asks for the
-        logits of those canvas positions only ([B, K, V]): the LM head, the largest matmul with a
-        real vocabulary, then runs on K positions, not C.
+        the probabilities of those tokens (top-k sampling). ``self_conditioning_embedding``
+        ([B, C, H], from :meth:`self_conditioning_embedding`) replaces all three: the signal's soft
+        embedding, already computed (a caller that keeps it per position). ``positions`` (int
+        [B, K]) asks for the logits of those canvas positions only ([B, K, V]): the LM head, the
+        largest matmul with a real vocabulary, then runs on K positions, not C.
         """
         if canvas.ndim == 1:
             canvas = canvas[None]
         h = self._embed(canvas)
-        soft = None
-        if self_conditioning_probs is None and self_conditioning_logits is not None:
-            # The reference keeps these logits in the embedding dtype before its softmax.
-            sc = self_conditioning_logits.astype(self.dtype).astype(mx.float32)
-            self_conditioning_probs = rows_in_parallel(softmax, sc)
-        if self_conditioning_probs is not None:
-            soft = self.soft_embedding(self_conditioning_probs, self_conditioning_ids)
-            if self_conditioning_mask is not None:
-                soft = soft * self_conditioning_mask.astype(soft.dtype)[:, None, None]
+        soft = self_conditioning_embedding
+        if soft is None:
+            soft = self.self_conditioning_embedding(
+                self_conditioning_logits, probs=self_conditioning_probs, ids=self_conditioning_ids)
+        if soft is not None and self_conditioning_mask is not None:
+            soft = soft * self_conditioning_mask.astype(soft.dtype)[:, None, None]
         h = self.self_conditioning(h, soft)
         offset = cache.offset
         for layer, c in zip(self.layers, cache.layers):

@@ -107,6 +107,7 @@ def refine_block(
     full: dict[str, mx.array] = {}
     history: list[mx.array] = []
     sc_logits = sc_probs = sc_ids = None  # sc_ids: the token ids of top-k probabilities
+    sc_soft = None  # freeze: the self-conditioning soft embedding [B', C, H], kept per position
     frozen = None
     if freeze:  # the fixed tokens of the rows still refined: pinned, then accepted ones too
         frozen = np.full(canvas.shape, -1, np.int32) if pinned is None else np.array(pinned, np.int32)
@@ -119,10 +120,10 @@ def refine_block(
             stability_threshold=settings.stability_threshold, key=step_key,
         )
         if freeze:
-            # The first pass reads every position (each gets self-conditioning probabilities);
+            # The first pass reads every position (each gets a self-conditioning embedding);
             # later ones only the free positions (see `_slots`).
             idx, slot_pins = _slots(frozen, every=step == 1)
-            logits, r, ids = _pass(model, cache, canvas, (sc_logits, sc_probs, sc_ids), top_k, sampling,
+            logits, r, ids = _pass(model, cache, canvas, dict(self_conditioning_embedding=sc_soft), top_k, sampling,
                                    history=[mx.take_along_axis(h, idx, axis=1) for h in history],
                                    pinned=slot_pins, positions=idx)
             fixed = mx.array(frozen)
@@ -135,13 +136,16 @@ def refine_block(
             # A frozen position's token is its accepted draw, in the canvas and in the argmax.
             next_canvas, argmax = mx.where(fixed >= 0, fixed, next_canvas), mx.where(fixed >= 0, fixed, argmax)
             stop_flags = r.stop | (fixed >= 0).all(axis=1)  # nothing left to refine
-            probs = put(sc_probs, r.probs) if use_probs and sc_probs is not None else r.probs
-            scaled = put(sc_logits, r.scaled) if not use_probs and sc_logits is not None else r.scaled
-            ids = put(sc_ids, ids) if ids is not None and sc_ids is not None else ids
+            # The next pass's self-conditioning: only the computed positions' soft embeddings are
+            # new (a frozen position keeps the one of the last pass that computed it).
+            soft = model.self_conditioning_embedding(None if use_probs else r.scaled,
+                                                     probs=r.probs if use_probs else None, ids=ids)
+            soft = soft if sc_soft is None else put(sc_soft, soft)
+            probs = scaled = ids = None
             now = {"argmax": argmax, "accepted": accepted, "entropy": kept["entropy"], "mean_entropy": r.mean_entropy}
         else:
-            logits, r, ids = _pass(model, cache, canvas, (sc_logits, sc_probs, sc_ids), top_k, sampling,
-                                   history=history, pinned=pinned)
+            sc = dict(self_conditioning_logits=sc_logits, self_conditioning_probs=sc_probs, self_conditioning_ids=sc_ids)
+            logits, r, ids = _pass(model, cache, canvas, sc, top_k, sampling, history=history, pinned=pinned)
             next_canvas, probs, scaled, stop_flags = r.canvas, r.probs, r.scaled, r.stop
             now = {"argmax": r.argmax, "accepted": r.accepted, "entropy": r.entropy, "mean_entropy": r.mean_entropy}
         if score:
@@ -151,7 +155,7 @@ def refine_block(
                 logprob = kept["logprob"] = put(kept.get("logprob", mx.zeros(canvas.shape, mx.float32)), logprob)
             now["logprob"] = logprob
         full = now if len(rows) == B else _scatter(full, now, rows)
-        mx.eval(stop_flags, next_canvas, *full.values(), *([fixed] if freeze else []))
+        mx.eval(stop_flags, next_canvas, *full.values(), *([fixed, soft] if freeze else []))
         stop = np.array(stop_flags)
         passes[rows] += 1
         refined = np.zeros(B, dtype=bool)
@@ -180,7 +184,7 @@ def refine_block(
             sc_logits = scaled
         sc_ids = ids
         if freeze:
-            frozen = np.array(fixed)
+            frozen, sc_soft = np.array(fixed), soft
         if settings.stability_threshold:
             history = (history + [now["argmax"]])[-settings.stability_threshold :]
         if stop.any():
@@ -191,6 +195,7 @@ def refine_block(
             sc_probs = None if sc_probs is None else sc_probs[keep]
             sc_logits = None if sc_logits is None else sc_logits[keep]
             sc_ids = None if sc_ids is None else sc_ids[keep]
+            sc_soft = None if sc_soft is None else sc_soft[keep]
             pinned = None if pinned is None else pinned[keep]
             history = [h[keep] for h in history]
             if freeze:
@@ -198,14 +203,12 @@ def refine_block(
                 kept = {name: value[keep] for name, value in kept.items()}
 
 
-def _pass(model, cache, canvas, sc, top_k, sampling, *, history, pinned, positions=None):
+def _pass(model, cache, canvas, sc: dict, top_k, sampling, *, history, pinned, positions=None):
     """One model pass and the sampler on it: ``(logits, StepResult, ids)``. With ``top_k`` the
     sampler sees each position's top-k logits and ``ids`` [B, C', k] are their token ids (None
-    otherwise); ``sc`` is the self-conditioning input ``(logits, probs, ids)``."""
-    sc_logits, sc_probs, sc_ids = sc
+    otherwise); ``sc`` holds the self-conditioning arguments of :meth:`Model.denoise`."""
     with host_math():  # nothing here is differentiated
-        logits = model.denoise(canvas, cache, sc_logits, self_conditioning_probs=sc_probs,
-                               self_conditioning_ids=sc_ids, positions=positions)
+        logits = model.denoise(canvas, cache, **sc, positions=positions)
         if not top_k:
             return logits, sampler_step(logits, history=history, pinned=pinned, **sampling), None
         values, ids = top_k_logits(logits, top_k)

@@ -409,6 +409,42 @@ def test_freeze_accepted_never_computes_pinned_positions_after_the_first_pass(mo
         assert (np.array(p.argmax)[0, ::2] == 300).all()
 
 
+
+def test_freeze_accepted_keeps_each_positions_self_conditioning_from_the_last_pass_that_computed_it(
+        model, tokenizer, prompt):
+    # Each pass reads a per-position soft embedding [B, C, H], never a vocabulary-sized input: a
+    # computed position's is the soft embedding of that pass's probabilities there, a frozen one's
+    # stays what it was.
+    cache, canvas, _, _ = batch_setup(model, tokenizer, prompt)
+    canvas = canvas[:1]
+    C, H = model.args.canvas_length, model.args.hidden_size
+    reads, outs = [], []
+    spy = DenoiseSpy(model)
+
+    def denoise(c, cache_, *args, positions=None, **kw):
+        assert not args and kw.get("self_conditioning_probs") is None and kw.get("self_conditioning_logits") is None
+        reads.append((kw.get("self_conditioning_embedding"), positions))
+        outs.append(model.denoise(c, cache_, positions=positions, **kw))
+        return outs[-1]
+
+    spy.denoise = denoise
+    s = default_settings(model).update(freeze_accepted=True, steps=8, entropy_bound=0.5)
+    passes = list(refine_block(spy, cache, canvas, settings=s, key=mx.random.key(3)))
+    assert reads[0][0] is None and len(reads) == len(passes) >= 3
+    for k in range(1, len(reads)):
+        soft, before = reads[k][0], (reads[k - 1][0] if k > 1 else None)
+        assert soft.shape == (1, C, H)
+        computed = np.array(reads[k - 1][1])[0]
+        t = passes[k - 1].temperature
+        probs = mx.softmax(outs[k - 1] / t, axis=-1)
+        want = np.array(model.soft_embedding(probs))[0]
+        got = np.array(soft)[0]
+        assert np.allclose(got[computed], want, atol=1e-5)
+        others = np.setdiff1d(np.arange(C), computed)
+        if before is not None and len(others):
+            assert np.array_equal(got[others], np.array(before)[0][others])
+
+
 def test_freeze_accepted_fills_the_free_positions_after_a_frozen_eos_with_eos():
     from dgemma_mlx.refine import _freeze
 
