@@ -17,7 +17,10 @@ the free tail after a frozen EOS is EOS).
 
 ``--speed-passes N`` also times N passes of one block for each configuration on a random
 float32 model with the real vocabulary (262,144) and the sweep's small MoE stack, where the
-sampler and self-conditioning weigh most.
+sampler and self-conditioning weigh most. A random model accepts one position per pass, so
+nearly every position stays active; ``--speed-pinned 0,0.75`` repeats the timing with that
+fraction of the canvas pinned (spread evenly), standing in for a block's later passes where most
+positions are accepted: ``freeze`` then computes only the rest, the reference still all of them.
 
 Each quality figure comes with its binomial standard error; a configuration's change against
 ``reference`` is "within noise" when it is under twice the combined standard error.
@@ -144,10 +147,12 @@ SPEED_SHAPE = dict(
 )
 
 
-def speed_rows(names: list[str], passes: int, prompt: int, seed: int) -> list[dict]:
+def speed_rows(names: list[str], passes: int, prompt: int, seed: int, pinned: tuple[float, ...] = (0.0,)) -> list[dict]:
     """Wall time of ``passes`` denoising passes of one block on a random float32 model of
-    :data:`SPEED_SHAPE` for each configuration (the stop rule off, so every config runs them all;
-    ``freeze`` accepts more positions each pass than a real model's first passes would)."""
+    :data:`SPEED_SHAPE` for each configuration and each fraction of pinned positions (the stop
+    rule off, so every config runs them all)."""
+    import numpy as np
+
     import mlx.core as mx
 
     from dgemma_mlx.config import ModelArgs
@@ -164,19 +169,27 @@ def speed_rows(names: list[str], passes: int, prompt: int, seed: int) -> list[di
     model.encode(mx.random.randint(3, args.vocab_size, (1, prompt), key=mx.random.key(seed)), cache)
     C, V = args.canvas_length, args.vocab_size
     rows = []
-    for n in names:
-        over = {k: v for k, v in CONFIGS[n].items() if k != "steps"}
-        settings = GenerationSettings(steps=passes, stability_threshold=0, confidence_threshold=1e-30, **over)
-        times = []
-        for repeat in range(2):  # the first run warms up
-            canvas = initial_canvas((1, C), V, mx.random.key(repeat))
-            start = time.perf_counter()
-            last = None
-            for last in refine_block(model, cache, canvas, settings=settings, key=mx.random.key(seed)):
-                pass
-            times.append(time.perf_counter() - start)
-        rows.append({"config": n, "passes": int(last.passes[0]), "ms_per_pass": 1000 * times[-1] / int(last.passes[0])})
-        print(f"speed: {n} {rows[-1]['ms_per_pass']:.0f} ms/pass", file=sys.stderr, flush=True)
+    for fraction in pinned:
+        pins = None
+        if fraction > 0:
+            where = np.unique(np.round(np.linspace(0, C - 1, int(round(fraction * C)))).astype(int))
+            p = np.full((1, C), -1, np.int32)
+            p[0, where] = np.random.default_rng(seed).integers(3, V, len(where))
+            pins = mx.array(p)
+        for n in names:
+            over = {k: v for k, v in CONFIGS[n].items() if k != "steps"}
+            settings = GenerationSettings(steps=passes, stability_threshold=0, confidence_threshold=1e-30, **over)
+            times = []
+            for repeat in range(2):  # the first run warms up
+                canvas = initial_canvas((1, C), V, mx.random.key(repeat), pinned=pins)
+                start = time.perf_counter()
+                last = None
+                for last in refine_block(model, cache, canvas, settings=settings, key=mx.random.key(seed), pinned=pins):
+                    pass
+                times.append(time.perf_counter() - start)
+            rows.append({"config": n, "pinned": fraction, "passes": int(last.passes[0]),
+                         "ms_per_pass": 1000 * times[-1] / int(last.passes[0])})
+            print(f"speed: {n}, {fraction:.0%} pinned: {rows[-1]['ms_per_pass']:.0f} ms/pass", file=sys.stderr, flush=True)
     return rows
 
 
@@ -199,6 +212,7 @@ def main() -> None:
     p.add_argument("--functions", type=int, default=20, help="held-out function bodies to complete (0: none)")
     p.add_argument("--speed-passes", type=int, default=0,
                    help="also time this many passes per config on a random model with the real vocabulary (0: no)")
+    p.add_argument("--speed-pinned", default="0", help="fractions of the canvas pinned in the speed runs (comma-separated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/fast-sampling-<time>.json)")
     a = p.parse_args()
@@ -206,6 +220,12 @@ def main() -> None:
     bad = [c for c in names if c not in CONFIGS]
     if bad or not names:
         sys.exit(f"error: unknown configuration '{bad[0] if bad else a.configs}' (choose from {', '.join(CONFIGS)})")
+    try:
+        pinned = tuple(float(f) for f in a.speed_pinned.split(",") if f.strip())
+    except ValueError:
+        sys.exit(f"error: --speed-pinned takes fractions in [0, 1), e.g. 0,0.75 (got '{a.speed_pinned}')")
+    if not pinned or any(not 0 <= f < 1 for f in pinned):
+        sys.exit(f"error: --speed-pinned takes fractions in [0, 1), e.g. 0,0.75 (got '{a.speed_pinned}')")
 
     from dgemma_mlx import load
 
@@ -226,7 +246,7 @@ def main() -> None:
 
     if a.speed_passes:
         result["speed"] = {"shape": SPEED_SHAPE, "prompt": 256,
-                           "rows": speed_rows(names, a.speed_passes, 256, a.seed)}
+                           "rows": speed_rows(names, a.speed_passes, 256, a.seed, pinned)}
     out = a.out or ROOT / "benchmarks" / "results" / f"fast-sampling-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -260,10 +280,12 @@ def table(result: dict, names: list[str]) -> str:
                 f"{m.get('tokens_per_pass', float('nan')):.2f} | {m.get('ms_per_block', float('nan')):.0f} |")
     if result.get("speed"):
         rows = result["speed"]["rows"]
-        base = next((r["ms_per_pass"] for r in rows if r["config"] == "reference"), None)
-        lines += ["", "| config | ms per pass (vocab 262144 shape) | vs reference |", "| --- | --- | --- |"]
-        lines += [f"| {r['config']} | {r['ms_per_pass']:.0f} | {r['ms_per_pass'] / base:.2f}x |" if base else
-                  f"| {r['config']} | {r['ms_per_pass']:.0f} | |" for r in rows]
+        base = {r.get("pinned", 0.0): r["ms_per_pass"] for r in rows if r["config"] == "reference"}
+        lines += ["", "| config | pinned | ms per pass (vocab 262144 shape) | vs reference |", "| --- | --- | --- | --- |"]
+        for r in rows:
+            b = base.get(r.get("pinned", 0.0))
+            lines.append(f"| {r['config']} | {r.get('pinned', 0.0):.0%} | {r['ms_per_pass']:.0f} | "
+                         + (f"{r['ms_per_pass'] / b:.2f}x |" if b else "|"))
     return "\n".join(lines)
 
 
