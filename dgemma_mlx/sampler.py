@@ -327,9 +327,12 @@ def sampler_step(
     sample_key, noise_key = split_key(key)
     t = mx.array(temperature(step, max_steps, t_min, t_max), mx.float32)
     u = _uniforms(logits.shape[:-1], sample_key)
-    # The per-position work (vocabulary-sized) is spread over the compute streams by canvas rows.
+    # The per-position work (vocabulary-sized) is spread over the compute streams by canvas rows;
+    # with host math its exponentials use every core already, and one piece saves joining two
+    # vocabulary-sized halves (measured: 1.33 -> 0.95 s per step over [256, 262144]).
     pieces = []
-    for (a, b), stream in zip(split_range(logits.shape[-2]), compute_streams()):
+    ranges = [(0, logits.shape[-2])] if host_math_applies(logits) else split_range(logits.shape[-2])
+    for (a, b), stream in zip(ranges, compute_streams()):
         with mx.stream(stream):
             pieces.append(_per_position(logits[..., a:b, :], t, u[..., a:b, :]))
     scaled, argmax, entropy, sampled, probs = (_join(list(p)) for p in zip(*pieces))
