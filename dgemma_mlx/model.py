@@ -213,7 +213,7 @@ class Model(nn.Module):
         out = self.embed_tokens.as_linear(self.norm(h)).astype(mx.float32)
         cap = self.args.final_logit_softcapping
         if cap:
-            out = rows_in_parallel(lambda x: softcap(x, cap), out)
+            out = rows_in_parallel(lambda x: softcap(x, cap, temporary=True), out)  # out: the head's fresh output
         return out
 
     # ---------------------------------------------------------------------------------- passes

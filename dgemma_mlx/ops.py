@@ -169,10 +169,11 @@ def _fast_softcap_vjp(primals, cotangent, output):
     return _softcap_bwd(output, primals[1], cotangent), mx.zeros_like(primals[1])
 
 
-def softcap(x: mx.array, cap: float) -> mx.array:
-    """``cap * tanh(x / cap)`` (one compiled pass with the CPU kernels)."""
+def softcap(x: mx.array, cap: float, *, temporary: bool = False) -> mx.array:
+    """``cap * tanh(x / cap)`` (one compiled pass with the CPU kernels). ``temporary``: nothing
+    else reads ``x`` (a fresh matmul output), so host math may write the result into its buffer."""
     if host_math_applies(x):
-        return _host_softcap(x, cap)
+        return _host_softcap(x, cap, temporary)
     if cpu_kernels() and x.dtype == mx.float32:
         return _fast_softcap(x, mx.array(cap, mx.float32))
     return mx.tanh(x / cap) * cap
@@ -307,20 +308,26 @@ HOST_CHUNK = 1 << 15
 """Elements per call of a host body: its temporaries stay in the core's cache between passes."""
 
 
-def host_map(body: Callable, *inputs: mx.array, outputs: int = 1, rowwise: bool = False) -> list[mx.array]:
+def host_map(body: Callable, *inputs: mx.array, outputs: int = 1, rowwise: bool = False,
+             in_place: bool = False) -> list[mx.array]:
     """``outputs`` new float32 arrays of ``inputs[0]``'s shape, written by ``body(*ins, *outs)``
     on NumPy views of the MLX buffers, over a thread pool.
 
     Every input is either of ``inputs[0]``'s shape or ``[..., 1]`` (one value per row; rows are all
     axes but the last). ``body`` gets 2-D blocks of about :data:`HOST_CHUNK` elements: whole rows
-    when ``rowwise`` (it reduces over the last axis), else pieces of rows too.
+    when ``rowwise`` (it reduces over the last axis), else pieces of rows too. ``in_place`` (one
+    output, an elementwise ``body``): the output is ``inputs[0]`` itself, overwritten, for a
+    temporary nothing else reads; it saves allocating (and first touching) a new buffer.
     """
     mx.eval(*inputs)
     shape = inputs[0].shape
     V = shape[-1]
     views = [np.asarray(x).reshape(-1, x.shape[-1]) for x in inputs]
-    outs = [mx.zeros(shape, mx.float32) for _ in range(outputs)]
-    mx.eval(*outs)
+    if in_place and outputs == 1 and not rowwise and views[0].flags.c_contiguous and views[0].flags.writeable:
+        outs = [inputs[0]]
+    else:
+        outs = [mx.zeros(shape, mx.float32) for _ in range(outputs)]
+        mx.eval(*outs)
     out_views = [np.asarray(o).reshape(-1, V) for o in outs]
     rows = views[0].shape[0]
     parts = max(1, min(rows, _pool()._max_workers))
@@ -341,13 +348,13 @@ def host_map(body: Callable, *inputs: mx.array, outputs: int = 1, rowwise: bool 
     return outs
 
 
-def _host_softcap(x: mx.array, cap: float) -> mx.array:
+def _host_softcap(x: mx.array, cap: float, in_place: bool) -> mx.array:
     def body(xs, out):
         np.divide(xs, np.float32(cap), out=out)
         np.tanh(out, out=out)
         out *= np.float32(cap)
 
-    return host_map(body, x)[0]
+    return host_map(body, x, in_place=in_place)[0]
 
 
 def _host_softmax(xs: np.ndarray, out: np.ndarray) -> None:

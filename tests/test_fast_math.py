@@ -162,3 +162,13 @@ def test_sampler_exponentials_on_the_host_equal_the_mlx_ones():
     assert mx.abs(e1 - e2).max().item() < 1e-6
     assert mx.abs(ez1 - ez2).max().item() < 1e-5
     assert not mx.isnan(ez2).any().item()
+
+
+def test_host_soft_cap_of_a_temporary_may_reuse_its_buffer_and_gives_the_same_values():
+    x = large(4, scale=40.0)
+    want = np.array(ops.softcap(x, 30.0))
+    with ops.host_math():
+        kept = ops.softcap(x, 30.0)
+        assert np.array_equal(np.array(x), np.array(large(4, scale=40.0)))  # not a temporary: untouched
+        reused = ops.softcap(x, 30.0, temporary=True)
+    assert np.abs(np.array(reused) - want).max() < 1e-5 and np.array_equal(np.array(kept), np.array(reused))
