@@ -20,7 +20,9 @@ float32 model with the real vocabulary (262,144) and the sweep's small MoE stack
 sampler and self-conditioning weigh most. A random model accepts one position per pass, so
 nearly every position stays active; ``--speed-pinned 0,0.75`` repeats the timing with that
 fraction of the canvas pinned (spread evenly), standing in for a block's later passes where most
-positions are accepted: ``freeze`` then computes only the rest, the reference still all of them.
+positions are accepted: ``freeze`` then computes only the rest, the reference still all of them
+(with pins, only ``reference`` and the ``freeze`` configurations run). Each time is the median of
+:data:`SPEED_REPEATS` runs after a warm-up run.
 
 Each quality figure comes with its binomial standard error; a configuration's change against
 ``reference`` is "within noise" when it is under twice the combined standard error.
@@ -35,6 +37,7 @@ import argparse
 import json
 import math
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -147,6 +150,10 @@ SPEED_SHAPE = dict(
 )
 
 
+SPEED_REPEATS = 3
+"""Timed runs per configuration after a warm-up run (the median is reported)."""
+
+
 def speed_rows(names: list[str], passes: int, prompt: int, seed: int, pinned: tuple[float, ...] = (0.0,)) -> list[dict]:
     """Wall time of ``passes`` denoising passes of one block on a random float32 model of
     :data:`SPEED_SHAPE` for each configuration and each fraction of pinned positions (the stop
@@ -177,10 +184,12 @@ def speed_rows(names: list[str], passes: int, prompt: int, seed: int, pinned: tu
             p[0, where] = np.random.default_rng(seed).integers(3, V, len(where))
             pins = mx.array(p)
         for n in names:
+            if fraction > 0 and n != "reference" and not CONFIGS[n].get("freeze_accepted"):
+                continue  # pins change only what freezing computes
             over = {k: v for k, v in CONFIGS[n].items() if k != "steps"}
             settings = GenerationSettings(steps=passes, stability_threshold=0, confidence_threshold=1e-30, **over)
             times = []
-            for repeat in range(2):  # the first run warms up
+            for repeat in range(1 + SPEED_REPEATS):  # the first run warms up
                 canvas = initial_canvas((1, C), V, mx.random.key(repeat), pinned=pins)
                 start = time.perf_counter()
                 last = None
@@ -188,7 +197,8 @@ def speed_rows(names: list[str], passes: int, prompt: int, seed: int, pinned: tu
                     pass
                 times.append(time.perf_counter() - start)
             rows.append({"config": n, "pinned": fraction, "passes": int(last.passes[0]),
-                         "ms_per_pass": 1000 * times[-1] / int(last.passes[0])})
+                         "ms_per_pass": 1000 * statistics.median(times[1:]) / int(last.passes[0]),
+                         "ms_per_pass_runs": [1000 * t / int(last.passes[0]) for t in times[1:]]})
             print(f"speed: {n}, {fraction:.0%} pinned: {rows[-1]['ms_per_pass']:.0f} ms/pass", file=sys.stderr, flush=True)
     return rows
 
