@@ -266,11 +266,13 @@ def rows_in_parallel(fn, x: mx.array) -> mx.array:
 # ---------------------------------------------------------------------------------- host math
 # MLX's CPU backend runs a transcendental as one scalar call per element, and even its compiled
 # polynomials above run unvectorised (~12 ns per float); NumPy's ufuncs run SIMD loops (AVX2 /
-# AVX-512 / NEON) and release the GIL. Measured on this 2-core machine over [256, 262144] floats:
-# the soft cap 650-730 ms (polynomial, two streams) against 180 ms here (two threads, NumPy on the
-# MLX buffers). It evaluates its input and writes into new MLX buffers, so it is for inference
-# only: no gradient flows through it, and MLX refuses the evaluation inside `mx.compile` / `vmap`
-# (ValueError). So it is off unless asked for: generation turns it on around each pass.
+# AVX-512 / NEON) and release the GIL. Measured on this 2-core machine over [256, 262144] floats,
+# quiet: the soft cap 490 ms as the compiled polynomial on two streams, 245 ms here into a new
+# buffer (most of it first-touching the new buffer's pages: MLX's CPU allocator keeps no freed
+# buffers), ~60 ms into the LM head's own output. It evaluates its input and writes into MLX
+# buffers, so it is for inference only: no gradient flows through it, and MLX refuses the
+# evaluation inside `mx.compile` / `vmap` (ValueError). So it is off unless asked for: generation
+# turns it on around each pass.
 HOST_MATH_MIN_SIZE = 1 << 20
 """Arrays smaller than this (elements) stay on the MLX ops: the host round trip costs more."""
 
