@@ -10,8 +10,9 @@ Metrics (each on ``--limit`` items drawn with ``--seed`` from the held-out files
 * completion: prompt = the source before a held-out function (whole lines, at most
   ``--context-tokens``) + its ``def`` header and docstring, raw (no chat template); generation runs
   until the function ends (a line indented no deeper than the ``def``) or EOS; the share of
-  functions whose header + generated body ``ast.parse``. A body still going at
-  ``--max-body-tokens`` counts as not parsing;
+  functions whose header + generated body ``ast.parse`` with at least one statement in the body
+  besides the docstring (an empty or comment-only body parses after a docstring, but is not a
+  body). A body still going at ``--max-body-tokens`` counts as not parsing;
 * sampler: passes per block, the share of blocks the adaptive stop ended before the pass limit,
   and tokens per pass (generated tokens, EOS included, per denoising pass) of those completions;
 * infill: a single line inside a held-out function becomes a hole (``<|fill:N|>`` with N its
@@ -112,6 +113,24 @@ def parses(header: str, body: str) -> bool:
         return False
 
 
+def statements(header: str, body: str) -> int:
+    """Statements the function's body has beyond its docstring (0 when ``header + body`` does not
+    parse): a generated body of only blank lines or comments parses after a docstring header, but
+    it is no body."""
+    try:
+        tree = ast.parse(textwrap.dedent(header + body))
+    except (SyntaxError, ValueError):
+        return 0
+    fn = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    if fn is None:
+        return 0
+    rest = fn.body
+    if rest and isinstance(rest[0], ast.Expr) and isinstance(getattr(rest[0], "value", None), ast.Constant) \
+            and isinstance(rest[0].value.value, str):
+        rest = rest[1:]
+    return len(rest)
+
+
 def context(lines: list[str], upto: int, tokenizer, budget: int) -> str:
     """The whole lines before index ``upto`` that fit in ``budget`` tokens."""
     out, used = [], 0
@@ -172,8 +191,10 @@ def complete(model, tokenizer, f: Function, *, seed: int, context_tokens: int, m
             break
         if ev.eos:
             ended = True
-    return {"file": f.file, "line": f.start + 1, "ended": ended,
-            "parses": ended and parses(f.header, text), "body": text, "blocks": blocks}
+    syntax = ended and parses(f.header, text)
+    n = statements(f.header, text) if syntax else 0
+    return {"file": f.file, "line": f.start + 1, "ended": ended, "statements": n,
+            "parses": syntax and n > 0, "empty": syntax and n == 0, "body": text, "blocks": blocks}
 
 
 def infill_items(functions: list[Function], tokenizer, n: int, rng: random.Random) -> list[tuple[Function, int]]:
@@ -295,8 +316,11 @@ def main() -> None:
         s = result["sampler"] = sampler_metrics(comps, settings.steps)
         share = sum(c["parses"] for c in comps) / len(comps)
         result["completion"] = {"functions": len(comps), "parse_rate": share,
-                                "ended_rate": sum(c["ended"] for c in comps) / len(comps), "items": comps}
-        rows += [["function bodies that parse", f"{share:.1%}", f"{len(comps)} functions"],
+                                "ended_rate": sum(c["ended"] for c in comps) / len(comps),
+                                "empty_rate": sum(c["empty"] for c in comps) / len(comps),
+                                "items": comps}
+        empty = result["completion"]["empty_rate"]
+        rows += [["function bodies that parse", f"{share:.1%}", f"{len(comps)} functions; {empty:.0%} more ended with an empty body"],
                  ["passes per block (mean)", f"{s['mean_passes_per_block']:.1f}", f"limit {s['max_passes']}, {s['blocks']} blocks"],
                  ["blocks ended by the adaptive stop", f"{s['stopped_before_limit']:.1%}", "before the pass limit"],
                  ["tokens per pass", f"{s['tokens_per_pass']:.2f}", "EOS included"]]
