@@ -207,8 +207,10 @@ def _pass(model, cache, canvas, sc: dict, top_k, sampling, *, history, pinned, p
     """One model pass and the sampler on it: ``(logits, StepResult, ids)``. With ``top_k`` the
     sampler sees each position's top-k logits and ``ids`` [B, C', k] are their token ids (None
     otherwise); ``sc`` holds the self-conditioning arguments of :meth:`Model.denoise`."""
+    sc = dict(sc)
     with host_math():  # nothing here is differentiated
-        logits = model.denoise(canvas, cache, **sc, positions=positions)
+        # The logits stay the third positional argument, as for any wrapper of `denoise`.
+        logits = model.denoise(canvas, cache, sc.pop("self_conditioning_logits", None), **sc, positions=positions)
         if not top_k:
             return logits, sampler_step(logits, history=history, pinned=pinned, **sampling), None
         values, ids = top_k_logits(logits, top_k)

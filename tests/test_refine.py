@@ -421,8 +421,8 @@ def test_freeze_accepted_keeps_each_positions_self_conditioning_from_the_last_pa
     reads, outs = [], []
     spy = DenoiseSpy(model)
 
-    def denoise(c, cache_, *args, positions=None, **kw):
-        assert not args and kw.get("self_conditioning_probs") is None and kw.get("self_conditioning_logits") is None
+    def denoise(c, cache_, sc_logits=None, positions=None, **kw):
+        assert sc_logits is None and kw.get("self_conditioning_probs") is None
         reads.append((kw.get("self_conditioning_embedding"), positions))
         outs.append(model.denoise(c, cache_, positions=positions, **kw))
         return outs[-1]
