@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -277,7 +278,7 @@ HOST_MATH_MIN_SIZE = 1 << 20
 """Arrays smaller than this (elements) stay on the MLX ops: the host round trip costs more."""
 
 _HOST = threading.local()
-_POOL: list = []
+HOST_THREADS = max(1, min(os.cpu_count() or 1, 8))
 
 
 @contextmanager
@@ -296,14 +297,12 @@ def host_math(enabled: bool = True) -> Iterator[None]:
 def host_math_applies(x: mx.array) -> bool:
     """Whether ``x`` takes the host path: :func:`host_math` on, the CPU kernels, float32, and at
     least :data:`HOST_MATH_MIN_SIZE` elements."""
-    return (getattr(_HOST, "on", False) and cpu_kernels() and x.dtype == mx.float32
-            and x.size >= HOST_MATH_MIN_SIZE and x.ndim >= 1)
+    return getattr(_HOST, "on", False) and cpu_kernels() and x.dtype == mx.float32 and x.size >= HOST_MATH_MIN_SIZE
 
 
+@cache
 def _pool() -> ThreadPoolExecutor:
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8)), thread_name_prefix="dgemma-host"))
-    return _POOL[0]
+    return ThreadPoolExecutor(HOST_THREADS, thread_name_prefix="dgemma-host")
 
 
 HOST_CHUNK = 1 << 15
@@ -332,7 +331,7 @@ def host_map(body: Callable, *inputs: mx.array, outputs: int = 1, rowwise: bool 
         mx.eval(*outs)
     out_views = [np.asarray(o).reshape(-1, V) for o in outs]
     rows = views[0].shape[0]
-    parts = max(1, min(rows, _pool()._max_workers))
+    parts = max(1, min(rows, HOST_THREADS))
     bounds = [rows * i // parts for i in range(parts + 1)]
     cols = V if rowwise else min(V, HOST_CHUNK)
     step = max(1, HOST_CHUNK // V)

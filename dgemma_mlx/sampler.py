@@ -59,8 +59,7 @@ def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> float:
 def _exp_terms(scaled: mx.array, row_max: mx.array) -> tuple[mx.array, mx.array]:
     # e = exp(z) and e * z with z = scaled - max; z is clamped so that e = 0 gives 0, not nan.
     if host_math_applies(scaled):
-        e, ez = host_map(_host_exp_terms, scaled, row_max, outputs=2)
-        return e, ez
+        return tuple(host_map(_host_exp_terms, scaled, row_max, outputs=2))
     return _exp_terms_mlx(scaled, row_max)
 
 

@@ -113,14 +113,14 @@ def parses(header: str, body: str) -> bool:
         return False
 
 
-def statements(header: str, body: str) -> int:
-    """Statements the function's body has beyond its docstring (0 when ``header + body`` does not
-    parse): a generated body of only blank lines or comments parses after a docstring header, but
-    it is no body."""
+def statements(header: str, body: str) -> Optional[int]:
+    """Statements the function's body has beyond its docstring, None when ``header + body`` does
+    not parse: a generated body of only blank lines or comments parses after a docstring header,
+    but it is no body."""
     try:
         tree = ast.parse(textwrap.dedent(header + body))
     except (SyntaxError, ValueError):
-        return 0
+        return None
     fn = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
     if fn is None:
         return 0
@@ -191,10 +191,9 @@ def complete(model, tokenizer, f: Function, *, seed: int, context_tokens: int, m
             break
         if ev.eos:
             ended = True
-    syntax = ended and parses(f.header, text)
-    n = statements(f.header, text) if syntax else 0
+    n = statements(f.header, text) if ended else None
     return {"file": f.file, "line": f.start + 1, "ended": ended, "statements": n,
-            "parses": syntax and n > 0, "empty": syntax and n == 0, "body": text, "blocks": blocks}
+            "parses": bool(n), "empty": n == 0, "body": text, "blocks": blocks}
 
 
 def infill_items(functions: list[Function], tokenizer, n: int, rng: random.Random) -> list[tuple[Function, int]]:
