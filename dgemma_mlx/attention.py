@@ -129,13 +129,14 @@ def attend(q: mx.array, parts: list) -> mx.array:
 
 def _attend_fused(q: mx.array, parts: list) -> mx.array:
     """:func:`attend` as one fused kernel over the concatenated parts."""
-    keys = [k for k, _, _ in parts]
-    values = [v for _, v, _ in parts]
+    B = q.shape[0]  # a batch of canvases shares a one-row prefix
+    keys = [k if k.shape[0] == B else mx.broadcast_to(k, (B, *k.shape[1:])) for k, _, _ in parts]
+    values = [v if v.shape[0] == B else mx.broadcast_to(v, (B, *v.shape[1:])) for _, v, _ in parts]
     k = keys[0] if len(keys) == 1 else mx.concatenate(keys, axis=2)
     v = values[0] if len(values) == 1 else mx.concatenate(values, axis=2)
     mask = None
     if any(m is not None for _, _, m in parts):
-        B, L = q.shape[0], q.shape[2]
+        L = q.shape[2]
         pieces = []
         for kk, _, m in parts:
             if m is None:

@@ -167,6 +167,12 @@ class Model(nn.Module):
             ]
         )
 
+    @property
+    def host_syncs(self) -> bool:
+        """Whether a pass waits for the device partway (an expert strategy that reads the routing
+        counts on the host), which rules out compiling it."""
+        return any(layer.experts.host_syncs for layer in self.layers)
+
     # ------------------------------------------------------------------------------ embeddings
     @property
     def dtype(self) -> mx.Dtype:

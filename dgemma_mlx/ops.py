@@ -50,6 +50,22 @@ def cpu_kernels() -> bool:
     return _kernels == "cpu" or (_kernels == "auto" and on_cpu())
 
 
+_compile_passes = os.environ.get("DGEMMA_COMPILE_PASSES", "1") != "0"
+
+
+def set_compiled_passes(on: bool) -> None:
+    """Switch the compiled passes of the fused kernels on or off (``DGEMMA_COMPILE_PASSES=0``)."""
+    global _compile_passes
+    _compile_passes = on
+
+
+def compiled_passes() -> bool:
+    """Whether a block's passes after the first run as one compiled graph
+    (:class:`~dgemma_mlx.compiled_pass.CompiledPass`): with the fused kernels only, as the CPU
+    kernels evaluate inside a pass (host math, grouped experts)."""
+    return _compile_passes and not cpu_kernels()
+
+
 def rms_norm_noscale(x: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, None, eps)
 

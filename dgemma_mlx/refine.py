@@ -21,7 +21,9 @@ from typing import Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .ops import host_math
+from .cache import PrefixCache
+from .compiled_pass import CompiledPass
+from .ops import compiled_passes, host_math
 from .sampler import sampler_step, split_key, temperature, top_k_logits, uniform_tokens
 
 
@@ -109,6 +111,10 @@ def refine_block(
     sc_logits = sc_probs = sc_ids = None  # sc_ids: the token ids of top-k probabilities
     sc_soft = None  # freeze: the self-conditioning soft embedding [B', C, H], kept per position
     frozen = None
+    # The fused kernels run the passes after the first as one compiled graph (not with
+    # freeze_accepted, which picks each pass's positions on the host, nor when the experts do).
+    compiled = None
+    compile_passes = compiled_passes() and not freeze and isinstance(cache, PrefixCache) and not model.host_syncs
     if freeze:  # the fixed tokens of the rows still refined: pinned, then accepted ones too
         frozen = np.full(canvas.shape, -1, np.int32) if pinned is None else np.array(pinned, np.int32)
         kept: dict[str, mx.array] = {}  # [B', C] values of frozen positions, from their last pass
@@ -144,8 +150,14 @@ def refine_block(
             probs = scaled = ids = None
             now = {"argmax": argmax, "accepted": accepted, "entropy": kept["entropy"], "mean_entropy": r.mean_entropy}
         else:
-            sc = dict(self_conditioning_logits=sc_logits, self_conditioning_probs=sc_probs, self_conditioning_ids=sc_ids)
-            logits, r, ids = _pass(model, cache, canvas, sc, top_k, sampling, history=history, pinned=pinned)
+            if compile_passes and step > 1:
+                if compiled is None:
+                    compiled = CompiledPass(model, cache, top_k=top_k, sampling=sampling)
+                logits, r, ids = compiled(canvas, sc_probs if use_probs else sc_logits, sc_ids, step=n, max_steps=steps,
+                                          key=step_key, history=history, pinned=pinned)
+            else:
+                sc = dict(self_conditioning_logits=sc_logits, self_conditioning_probs=sc_probs, self_conditioning_ids=sc_ids)
+                logits, r, ids = _pass(model, cache, canvas, sc, top_k, sampling, history=history, pinned=pinned)
             next_canvas, probs, scaled, stop_flags = r.canvas, r.probs, r.scaled, r.stop
             now = {"argmax": r.argmax, "accepted": r.accepted, "entropy": r.entropy, "mean_entropy": r.mean_entropy}
         if score:

@@ -304,6 +304,7 @@ def sampler_step(
     pinned: Optional[mx.array] = None,
     token_ids: Optional[mx.array] = None,
     vocab_size: Optional[int] = None,
+    t: Optional[mx.array] = None,
 ) -> StepResult:
     """One denoising step of the sampler for decoder logits [B, C, V] at step ``step``.
 
@@ -322,9 +323,13 @@ def sampler_step(
     largest (:func:`top_k_logits`) and ``token_ids`` [B, C, K] their ids; the softmax, draws and
     entropies are over those K, ``argmax``/``canvas`` hold token ids, ``scaled``/``probs`` stay
     [B, C, K], and renoising draws from ``[0, vocab_size)``.
+
+    ``t`` (float32 scalar array) is the temperature when given (``step``, ``max_steps``, ``t_min``,
+    ``t_max`` are then not read): a compiled pass takes it as an input, so one trace serves every step.
     """
     sample_key, noise_key = split_key(key)
-    t = mx.array(temperature(step, max_steps, t_min, t_max), mx.float32)
+    if t is None:
+        t = mx.array(temperature(step, max_steps, t_min, t_max), mx.float32)
     u = _uniforms(logits.shape[:-1], sample_key)
     # The per-position work (vocabulary-sized) is spread over the compute streams by canvas rows;
     # with host math its exponentials use every core already, and one piece saves joining two

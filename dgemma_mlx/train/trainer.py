@@ -189,7 +189,7 @@ class Trainer:
         """Whether steps run compiled: asked for, no gradient accumulation, and no expert
         strategy that waits for the device inside the step."""
         return (self.args.compile and self.args.grad_accumulation_steps == 1
-                and not any(layer.experts.host_syncs for layer in self.model.layers))
+                and not self.model.host_syncs)
 
     def _compiled_step(self, length: Optional[int]):
         """One optimizer step (gradient and update) compiled into one graph: MLX fuses the
