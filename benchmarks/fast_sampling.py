@@ -5,7 +5,8 @@ Configurations (``--configs``): ``reference`` (the default sampler: at most 48 p
 presets ``fast`` (16) and ``faster`` (8), ``top-k`` (``top_k`` 64: sampler and self-conditioning
 on each position's 64 most likely tokens), and ``freeze`` / ``freeze-fast`` / ``freeze-faster``
 (``freeze_accepted``: an accepted position keeps its token; later passes compute only the others;
-the free tail after a frozen EOS is EOS).
+the free tail after a frozen EOS is EOS), and ``short-canvas`` (``short_canvas``: a last block with
+fewer tokens left than a canvas holds only those positions).
 
 * Sudoku (``--sudoku-model``, default the bundled ``sudoku``): exact-solve rate and blank-cell
   accuracy on the recipe's held-out puzzles (``--puzzles`` per band of ``--givens``), mean
@@ -13,12 +14,18 @@ the free tail after a frozen EOS is EOS).
 * Code (``--code-model``, default the bundled ``pycode``; needs ``recipes/code/work`` from the
   code recipe's ``prepare.py``): single-line infill exact match at the true hole length on
   ``--lines`` held-out lines, and function-body completion on ``--functions`` held-out functions:
-  passes per block, tokens per pass, milliseconds per block.
+  passes per block, tokens per pass, milliseconds per block. Short answers (``--continuations``
+  held-out lines, ``--continuation-tokens`` generated after the whole lines before each): the
+  share of generated tokens equal to the source's, position by position, and of first lines equal
+  to the source's line, with passes and milliseconds per answer. This is where ``short-canvas``
+  differs from ``reference`` (every other code measurement generates whole blocks), so it is the
+  only code measurement that configuration runs.
 
 ``--speed-passes N`` also times N passes of one block for each configuration on a random
 float32 model with the real vocabulary (262,144) and the sweep's small MoE stack, where the
 sampler and self-conditioning weigh most. A random model accepts one position per pass, so
-nearly every position stays active; ``--speed-pinned 0,0.75`` repeats the timing with that
+nearly every position stays active; ``short-canvas`` times a canvas of
+:data:`SHORT_SPEED_TOKENS` positions (an answer of that many tokens) against the reference's whole one; ``--speed-pinned 0,0.75`` repeats the timing with that
 fraction of the canvas pinned (spread evenly), standing in for a block's later passes where most
 positions are accepted: ``freeze`` then computes only the rest, the reference still all of them
 (with pins, only ``reference`` and the ``freeze`` configurations run). Each time is the median of
@@ -63,7 +70,10 @@ CONFIGS = {
     "freeze": {"freeze_accepted": True},
     "freeze-fast": {"freeze_accepted": True, "steps": 16},
     "freeze-faster": {"freeze_accepted": True, "steps": 8},
+    "short-canvas": {"short_canvas": True},
 }
+WHOLE_BLOCKS_ONLY = ("short-canvas",)
+"""Configurations that change nothing when whole blocks are generated (Sudoku, infill, completion)."""
 
 
 def stderr(p: float, n: int) -> float:
@@ -100,11 +110,42 @@ def sudoku_rows(model, tokenizer, givens: list[int], puzzles: int, batch_size: i
     return rows
 
 
-def code_rows(model, tokenizer, work: Path, lines: int, functions: int, overrides: dict, seed: int):
+def continuation_rows(model, tokenizer, items: list, tokens: int, overrides: dict, seed: int) -> dict:
+    """Short answers: ``tokens`` tokens generated after the whole lines before each held-out line,
+    compared with the source's next ``tokens`` tokens (position by position) and its line."""
+    from dgemma_mlx.events import CommitEvent, EndEvent
+    from dgemma_mlx.generate import stream_generate
+
+    code = recipe("code")
+    right = total = lines = passes = 0
+    start = time.perf_counter()
+    for k, (f, i) in enumerate(items):
+        prompt = code.context(f.lines, i, tokenizer, 160)
+        truth = tokenizer.encode("".join(f.lines[i:]), add_special_tokens=False)[:tokens]
+        got = []
+        for ev in stream_generate(model, tokenizer, prompt, seed=seed + k, max_new_tokens=tokens, **overrides):
+            if isinstance(ev, CommitEvent):
+                passes += ev.steps
+            elif isinstance(ev, EndEvent):
+                got = ev.tokens
+        right += sum(a == b for a, b in zip(got, truth))
+        total += len(truth)
+        lines += tokenizer.decode(got).split("\n")[0].strip() == f.lines[i].strip()
+    acc, line_rate = right / total, lines / len(items)
+    return {"answers": len(items), "tokens": tokens, "token_accuracy": acc, "stderr": stderr(acc, total),
+            "line_exact": line_rate, "line_stderr": stderr(line_rate, len(items)), "mean_passes": passes / len(items),
+            "ms_per_answer": 1000 * (time.perf_counter() - start) / len(items)}
+
+
+def code_rows(model, tokenizer, work: Path, lines: int, functions: int, overrides: dict, seed: int,
+              continuations: int = 0, continuation_tokens: int = 16):
     code = recipe("code")
     complete, infill_items, infill_line = code.complete, code.infill_items, code.infill_line
     held = code.held_out_functions(work)
     out = {}
+    if continuations:
+        items = infill_items(held, tokenizer, continuations, random.Random(seed + 1))
+        out["continuation"] = continuation_rows(model, tokenizer, items, continuation_tokens, overrides, seed)
     if lines:
         items = infill_items(held, tokenizer, lines, random.Random(seed))
         exact = passes = 0
@@ -153,6 +194,9 @@ SPEED_SHAPE = dict(
 SPEED_REPEATS = 3
 """Timed runs per configuration after a warm-up run (the median is reported)."""
 
+SHORT_SPEED_TOKENS = 64
+"""The answer length ``short-canvas`` is timed with (its canvas holds that many positions)."""
+
 
 def speed_rows(names: list[str], passes: int, prompt: int, seed: int, pinned: tuple[float, ...] = (0.0,)) -> list[dict]:
     """Wall time of ``passes`` denoising passes of one block on a random float32 model of
@@ -186,17 +230,20 @@ def speed_rows(names: list[str], passes: int, prompt: int, seed: int, pinned: tu
         for n in names:
             if fraction > 0 and n != "reference" and not CONFIGS[n].get("freeze_accepted"):
                 continue  # pins change only what freezing computes
+            if fraction > 0 and n in WHOLE_BLOCKS_ONLY:
+                continue
             over = {k: v for k, v in CONFIGS[n].items() if k != "steps"}
             settings = GenerationSettings(steps=passes, stability_threshold=0, confidence_threshold=1e-30, **over)
+            width = SHORT_SPEED_TOKENS if settings.short_canvas else C
             times = []
             for repeat in range(1 + SPEED_REPEATS):  # the first run warms up
-                canvas = initial_canvas((1, C), V, mx.random.key(repeat), pinned=pins)
+                canvas = initial_canvas((1, width), V, mx.random.key(repeat), pinned=pins)
                 start = time.perf_counter()
                 last = None
                 for last in refine_block(model, cache, canvas, settings=settings, key=mx.random.key(seed), pinned=pins):
                     pass
                 times.append(time.perf_counter() - start)
-            rows.append({"config": n, "pinned": fraction, "passes": int(last.passes[0]),
+            rows.append({"config": n, "pinned": fraction, "passes": int(last.passes[0]), "canvas": width,
                          "ms_per_pass": 1000 * statistics.median(times[1:]) / int(last.passes[0]),
                          "ms_per_pass_runs": [1000 * t / int(last.passes[0]) for t in times[1:]]})
             print(f"speed: {n}, {fraction:.0%} pinned: {rows[-1]['ms_per_pass']:.0f} ms/pass", file=sys.stderr, flush=True)
@@ -220,6 +267,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lines", type=int, default=50, help="held-out lines to infill (0: none)")
     p.add_argument("--functions", type=int, default=20, help="held-out function bodies to complete (0: none)")
+    p.add_argument("--continuations", type=int, default=0, help="short answers after held-out lines' context (0: none)")
+    p.add_argument("--continuation-tokens", type=int, default=16, help="tokens per short answer")
     p.add_argument("--speed-passes", type=int, default=0,
                    help="also time this many passes per config on a random model with the real vocabulary (0: no)")
     p.add_argument("--speed-pinned", default="0", help="fractions of the canvas pinned in the speed runs (comma-separated)")
@@ -244,15 +293,19 @@ def main() -> None:
         model, tok = load(a.sudoku_model)
         givens = [int(g) for g in a.givens.split(",")]
         for n in names:
+            if n in WHOLE_BLOCKS_ONLY:
+                continue
             print(f"sudoku: {n}...", file=sys.stderr, flush=True)
             result["sudoku"][n] = sudoku_rows(model, tok, givens, a.puzzles, a.batch_size, CONFIGS[n], a.seed)
-    if a.lines or a.functions:
+    if a.lines or a.functions or a.continuations:
         if not (a.code_work / "manifest.json").is_file():
             sys.exit(f"error: {a.code_work} has no prepared data (run recipes/code/prepare.py first)")
         model, tok = load(a.code_model)
         for n in names:
             print(f"code: {n}...", file=sys.stderr, flush=True)
-            result["code"][n] = code_rows(model, tok, a.code_work, a.lines, a.functions, CONFIGS[n], a.seed)
+            whole = n not in WHOLE_BLOCKS_ONLY
+            result["code"][n] = code_rows(model, tok, a.code_work, a.lines if whole else 0, a.functions if whole else 0,
+                                          CONFIGS[n], a.seed, a.continuations, a.continuation_tokens)
 
     if a.speed_passes:
         result["speed"] = {"shape": SPEED_SHAPE, "prompt": 256,
@@ -276,13 +329,26 @@ def table(result: dict, names: list[str]) -> str:
                 vs = verdict(r["exact_solve_rate"], r["stderr"], b["exact_solve_rate"], b["stderr"]) if b and n != "reference" else ""
                 lines.append(f"| {n} | {r['givens']} | {r['exact_solve_rate']:.1%} ± {r['stderr']:.1%} | {vs} | "
                              f"{r['cell_accuracy']:.1%} | {r['mean_passes']:.1f} | {r['ms_per_puzzle']:.0f} |")
-    if result["code"]:
+    if any("continuation" in c for c in result["code"].values()):
+        lines += ["", "| config | short answers: token accuracy | vs reference | first line exact | passes | ms/answer |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        ref = result["code"].get("reference", {}).get("continuation")
+        for n in names:
+            c = result["code"].get(n, {}).get("continuation")
+            if not c:
+                continue
+            vs = verdict(c["token_accuracy"], c["stderr"], ref["token_accuracy"], ref["stderr"]) if ref and n != "reference" else ""
+            lines.append(f"| {n} | {c['token_accuracy']:.1%} ± {c['stderr']:.1%} | {vs} | {c['line_exact']:.1%} | "
+                         f"{c['mean_passes']:.1f} | {c['ms_per_answer']:.0f} |")
+    if any("infill" in c or "completion" in c for c in result["code"].values()):
         lines += ["", "| config | infill exact | vs reference | infill passes | parse | passes/block | tok/pass | ms/block |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         ref = result["code"].get("reference", {}).get("infill")
         for n in names:
-            c = result["code"][n]
+            c = result["code"].get(n, {})
             i, m = c.get("infill", {}), c.get("completion", {})
+            if not (i or m):
+                continue
             vs = verdict(i["exact_match"], i["stderr"], ref["exact_match"], ref["stderr"]) if i and ref and n != "reference" else ""
             lines.append(
                 f"| {n} | {i.get('exact_match', float('nan')):.1%} | {vs} | {i.get('mean_passes', float('nan')):.1f} | "
@@ -291,10 +357,11 @@ def table(result: dict, names: list[str]) -> str:
     if result.get("speed"):
         rows = result["speed"]["rows"]
         base = {r.get("pinned", 0.0): r["ms_per_pass"] for r in rows if r["config"] == "reference"}
-        lines += ["", "| config | pinned | ms per pass (vocab 262144 shape) | vs reference |", "| --- | --- | --- | --- |"]
+        lines += ["", "| config | pinned | canvas | ms per pass (vocab 262144 shape) | vs reference |",
+                  "| --- | --- | --- | --- | --- |"]
         for r in rows:
             b = base.get(r.get("pinned", 0.0))
-            lines.append(f"| {r['config']} | {r.get('pinned', 0.0):.0%} | {r['ms_per_pass']:.0f} | "
+            lines.append(f"| {r['config']} | {r.get('pinned', 0.0):.0%} | {r.get('canvas', 256)} | {r['ms_per_pass']:.0f} | "
                          + (f"{r['ms_per_pass'] / b:.2f}x |" if b else "|"))
     return "\n".join(lines)
 

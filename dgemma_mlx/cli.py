@@ -117,6 +117,11 @@ FreezeAccepted = _option(
     help="Fast sampling (not the reference's): an accepted position keeps its token for the rest of the block, "
     "and later passes compute only the others.",
 )
+ShortCanvas = _option(
+    None, "--short-canvas/--no-short-canvas",
+    help="Fast sampling (not the reference's): when fewer tokens than a canvas remain, the last block's canvas "
+    "holds only those positions.",
+)
 TopK = _option(
     None, "--top-k", metavar="K",
     help="Fast sampling (not the reference's): sample and self-condition on each position's K most likely tokens.",
@@ -146,6 +151,7 @@ _SAMPLING: list[tuple[str, Any, Any]] = [
     ("temp", Optional[float], Temp),
     ("freeze_accepted", Optional[bool], FreezeAccepted),
     ("top_k", Optional[int], TopK),
+    ("short_canvas", Optional[bool], ShortCanvas),
     ("seed", Optional[int], Seed),
     ("events", Optional[str], Events),
     ("quiet", bool, Quiet),
@@ -172,6 +178,7 @@ class SamplingArgs:
     temp: Optional[float] = None
     freeze_accepted: Optional[bool] = None
     top_k: Optional[int] = None
+    short_canvas: Optional[bool] = None
     seed: Optional[int] = None
     events: Optional[str] = None
     quiet: bool = False
@@ -194,7 +201,7 @@ class SamplingArgs:
         values = dict(
             max_new_tokens=self.max_tokens, steps=self.steps, entropy_bound=self.entropy_bound,
             t_min=self.t_min, t_max=self.t_max, temp=self.temp, seed=self.seed, freeze_accepted=self.freeze_accepted,
-            top_k=self.top_k,
+            top_k=self.top_k, short_canvas=self.short_canvas,
         )
         values = {k: v for k, v in values.items() if v is not None}
         if self.preset is not None:

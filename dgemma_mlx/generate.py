@@ -129,8 +129,10 @@ def stream_generate(
     room = (context - cache.offset - len(ids)) // C * C
     max_new = min(settings.max_new_tokens, room)
     n_blocks = math.ceil(max_new / C)
-    warm = position_tokens(warm_start, n_blocks * C, V, "warm start")
-    pins = position_tokens(pinned, n_blocks * C, V, "pinned")
+    # The generated positions; with short_canvas the last block's canvas ends at max_new.
+    positions = max_new if settings.short_canvas else n_blocks * C
+    warm = position_tokens(warm_start, positions, V, "warm start")
+    pins = position_tokens(pinned, positions, V, "pinned")
     eos = set(args.eos_token_ids) if stop_at_eos else set()
     splitter = ChannelSplitter(tokenizer)
 
@@ -148,8 +150,9 @@ def stream_generate(
     finish = "length"
     for block in range(n_blocks):
         key, init_key = mx.random.split(key)
+        width = min(C, positions - block * C)
         block_warm, block_pins = (_block_slice(x, block, C) for x in (warm, pins))
-        canvas = initial_canvas((1, C), V, init_key, warm_start=block_warm, pinned=block_pins)
+        canvas = initial_canvas((1, width), V, init_key, warm_start=block_warm, pinned=block_pins)
         pin_mask = None if block_pins is None else (np.array(block_pins[0]) >= 0).tolist()
         for p in refine_block(model, cache, canvas, settings=settings, key=key, pinned=block_pins, score=score,
                               eos_ids=sorted(eos)):
@@ -240,5 +243,5 @@ def _block_slice(tokens: Optional[np.ndarray], block: int, C: int) -> Optional[m
     # Block ``block``'s slice of per-position tokens as int32 [1, C], or None when all free.
     if tokens is None:
         return None
-    part = tokens[block * C : (block + 1) * C]
+    part = tokens[block * C : (block + 1) * C]  # shorter for a short last canvas
     return mx.array(part)[None] if (part >= 0).any() else None

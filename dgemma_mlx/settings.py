@@ -127,6 +127,10 @@ class GenerationSettings:
         top_k: opt-in fast sampling (not the reference's): the sampler's softmax, draws and
             entropies, and the next pass's self-conditioning, use each position's ``top_k``
             largest logits only (None: the whole vocabulary, as the reference does).
+        short_canvas: opt-in fast sampling (not the reference's): when fewer tokens than a canvas
+            remain to be generated (``max_new_tokens`` below the canvas length, or not a multiple
+            of it), the last block's canvas holds only those positions instead of a whole canvas
+            whose tail is cut off afterwards; its passes compute that many positions.
     """
 
     max_new_tokens: int = REFERENCE_GENERATION_CONFIG["max_new_tokens"]
@@ -140,6 +144,7 @@ class GenerationSettings:
     temp: Optional[float] = None
     freeze_accepted: bool = False
     top_k: Optional[int] = None
+    short_canvas: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "steps", "stability_threshold"):
@@ -148,6 +153,7 @@ class GenerationSettings:
             object.__setattr__(self, name, _as_float(name, getattr(self, name)))
         object.__setattr__(self, "seed", _as_seed(self.seed))
         object.__setattr__(self, "freeze_accepted", _as_bool("freeze_accepted", self.freeze_accepted))
+        object.__setattr__(self, "short_canvas", _as_bool("short_canvas", self.short_canvas))
         if self.top_k is not None:
             object.__setattr__(self, "top_k", _as_int("top_k", self.top_k))
         if self.temp is not None:

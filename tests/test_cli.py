@@ -329,6 +329,7 @@ def test_a_preset_caps_the_passes_and_explicit_flags_override_it():
     assert SamplingArgs(preset="faster").overrides() == {"steps": 8}
     assert SamplingArgs(preset="fast", steps=20).overrides() == {"steps": 20}
     assert SamplingArgs(preset="reference").overrides() == {}
+    assert SamplingArgs(short_canvas=True, top_k=64).overrides() == {"short_canvas": True, "top_k": 64}
 
 
 def test_an_unknown_preset_is_a_one_line_error(checkpoint):

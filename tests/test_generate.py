@@ -133,6 +133,36 @@ def test_max_new_tokens_cuts_the_last_block(model, tokenizer, prompt):
     assert len(end.tokens) == C + 5 and end.finish_reason == "length"
 
 
+def test_a_short_canvas_makes_the_last_block_only_as_long_as_the_tokens_left(model, tokenizer, prompt):
+    from tiny import DenoiseSpy
+
+    C = model.args.canvas_length
+    spy = DenoiseSpy(model)
+    events = list(stream_generate(spy, tokenizer, prompt, max_new_tokens=C + 5, steps=4, seed=1, short_canvas=True))
+    passes = [e for e in events if isinstance(e, PassEvent)]
+    first = [len(p.canvas) for p in passes if p.block == 0]
+    last = [len(p.canvas) for p in passes if p.block == 1]
+    assert set(first) == {C} and set(last) == {5}
+    assert {len(c) for c in spy.canvases[len(first):]} == {5}  # the model reads 5 positions
+    assert [len(c.tokens) for c in events if isinstance(c, CommitEvent)] == [C, 5]
+
+
+def test_a_short_canvas_leaves_whole_blocks_and_the_default_alone(model, tokenizer, prompt):
+    C = model.args.canvas_length
+
+    def blocks(**kw):
+        events = list(stream_generate(model, tokenizer, prompt, steps=3, seed=2, **kw))
+        return [(e.block, e.canvas) for e in events if isinstance(e, PassEvent)]
+
+    assert blocks(max_new_tokens=2 * C, short_canvas=True) == blocks(max_new_tokens=2 * C)
+    assert {len(c) for _, c in blocks(max_new_tokens=C - 3)} == {C}  # off by default
+
+
+def test_pins_past_the_last_token_are_an_error_with_a_short_canvas(model, tokenizer, prompt):
+    with pytest.raises(DGemmaError, match="more than the 6 being generated"):
+        generate(model, tokenizer, prompt, max_new_tokens=6, short_canvas=True, pinned=[None] * 7 + [5])
+
+
 class ForcedEOS:
     """Wraps the model so that block ``block`` puts an EOS at canvas position ``pos``."""
 

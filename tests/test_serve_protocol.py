@@ -35,8 +35,9 @@ def test_chat_request_takes_diffusion_settings_as_extra_fields():
 
 @pytest.mark.parametrize("top_k, expected", [(64, 64), (-1, None), (0, None)])
 def test_fast_sampling_comes_as_extra_fields_with_vllms_top_k(top_k, expected):
-    req = parse_chat({"model": "m", "messages": [user()], "top_k": top_k, "freeze_accepted": True}, "m", DEFAULTS)
-    assert req.settings.top_k == expected and req.settings.freeze_accepted is True
+    req = parse_chat({"model": "m", "messages": [user()], "top_k": top_k, "freeze_accepted": True,
+                      "short_canvas": True}, "m", DEFAULTS)
+    assert req.settings.top_k == expected and req.settings.freeze_accepted is True and req.settings.short_canvas
 
 
 def test_max_completion_tokens_wins_over_max_tokens():
@@ -59,7 +60,7 @@ def test_sampling_fields_this_model_does_not_use_are_accepted_and_ignored():
 
 
 @pytest.mark.parametrize("field, value", [("seed", True), ("seed", 1.5), ("seed", -1), ("steps", "4"), ("think", "yes"),
-                                          ("top_k", 2.5), ("freeze_accepted", "yes"),
+                                          ("top_k", 2.5), ("freeze_accepted", "yes"), ("short_canvas", 1),
                                           ("stream", 1), ("logprobs", True), ("tools", [{"type": "function"}])])
 def test_wrongly_typed_or_unsupported_fields_are_400s_naming_the_field(field, value):
     with pytest.raises(APIError) as e:

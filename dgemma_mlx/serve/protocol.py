@@ -5,7 +5,7 @@ status and ``{"error": {"message", "type", "param", "code"}}``. The standard fie
 ``model``, ``messages`` / ``prompt``, ``max_tokens`` (or ``max_completion_tokens``), ``seed``,
 ``stream``, ``stream_options``, ``stop`` and ``n`` (1); DiffusionGemma's own settings come as extra
 body fields: ``steps``, ``entropy_bound``, ``t_min``, ``t_max``, the opt-in fast sampling
-``top_k`` (vLLM's field; -1 or 0: off) and ``freeze_accepted``, and (chat) ``think`` and
+``top_k`` (vLLM's field; -1 or 0: off), ``freeze_accepted`` and ``short_canvas``, and (chat) ``think`` and
 ``image_tokens``. User messages may carry ``image_url`` parts: data URLs (base64) or local paths
 (``file://`` or plain); remote URLs are never fetched. Other OpenAI fields (``temperature``,
 ``top_p``, penalties, ``user`` ...) are accepted and ignored, as vLLM does; requests that need
@@ -268,6 +268,7 @@ def _settings(body: dict, defaults: GenerationSettings, max_tokens: Optional[int
         "entropy_bound": ("entropy_bound", _optional(body, "entropy_bound", float)),
         "seed": ("seed", _optional(body, "seed", int)),
         "freeze_accepted": ("freeze_accepted", _optional(body, "freeze_accepted", bool)),
+        "short_canvas": ("short_canvas", _optional(body, "short_canvas", bool)),
     }
     top_k = _optional(body, "top_k", int)
     if top_k is not None and top_k > 0:  # vLLM's field: -1 or 0 means the whole vocabulary
