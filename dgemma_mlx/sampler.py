@@ -34,7 +34,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .ops import LOG2E, compute_streams, exp2, fused, host_map, host_math_applies, split_range
+from .ops import LOG2E, compute_streams, exp2, fused, host_map, host_math_applies, host_rows, split_range
 
 # Inverse-CDF sampling works on blocks of this many vocabulary entries (see `sample_tokens`).
 SAMPLE_BLOCK = 512
@@ -100,6 +100,11 @@ def _softmax_parts(scaled: mx.array, argmax: mx.array) -> tuple[mx.array, ...]:
     confident positions too.
     """
     e, ez = _exp_terms(scaled, mx.max(scaled, axis=-1, keepdims=True))
+    return (e, *_softmax_sums(e, ez, argmax))
+
+
+def _softmax_sums(e: mx.array, ez: mx.array, argmax: mx.array) -> tuple[mx.array, ...]:
+    # The sums of :func:`_softmax_parts`: blocks, block sums, normaliser and entropy from e and e * z.
     blocks = _block_view(e)
     nb, blk = blocks.shape[-2:]
     block_sums = blocks.sum(-1)
@@ -109,7 +114,7 @@ def _softmax_parts(scaled: mx.array, argmax: mx.array) -> tuple[mx.array, ...]:
     rest = mx.where(mx.arange(nb) == top, top_rest, block_sums).sum(-1)
     total = 1.0 + rest
     entropy = mx.log1p(rest) - _block_view(ez).sum(-1).sum(-1) / total
-    return e, blocks, block_sums, total, entropy
+    return blocks, block_sums, total, entropy
 
 
 def token_entropy(scaled_logits: mx.array) -> mx.array:
@@ -375,8 +380,40 @@ def _join(parts: list[mx.array]) -> mx.array:
 
 def _per_position(logits: mx.array, t: mx.array, u: mx.array) -> tuple[mx.array, ...]:
     """Scaled logits, argmax, entropy, one draw and the probabilities of each canvas position."""
+    if host_math_applies(logits):
+        return _host_per_position(logits, t, u)
     scaled = logits.astype(mx.float32) / t
     argmax = mx.argmax(scaled, axis=-1).astype(mx.int32)
     e, blocks, block_sums, total, entropy = _softmax_parts(scaled, argmax)
     sampled = _inverse_cdf(blocks, block_sums, argmax, u)
     return scaled, argmax, entropy, sampled, e / total[..., None]
+
+
+
+# With host math the per-position elementwise work is one host pass over each row (a row of the
+# vocabulary stays in the core's cache between its steps) instead of one pass over the whole
+# [B, C, V] array per op; the sums stay MLX's (the same order, so the same rounding) and the
+# probabilities are normalised in place. The same values as the MLX ops, bit for bit.
+def _host_per_position(logits: mx.array, t: mx.array, u: mx.array) -> tuple[mx.array, ...]:
+    temp = np.float32(t.item())
+    lead = logits.shape[:-1]
+    (scaled, e, ez), (argmax,) = host_rows(
+        lambda xs, *outs: _host_scale_exp(xs, *outs, temp=temp), logits.astype(mx.float32), (), 3, (np.int32,))
+    argmax = mx.array(argmax).reshape(lead)
+    blocks, block_sums, total, entropy = _softmax_sums(e, ez, argmax)
+    sampled = _inverse_cdf(blocks, block_sums, argmax, u)
+    mx.eval(sampled, entropy, total)  # before e is overwritten with the probabilities
+    probs = host_map(_host_divide, e, total[..., None], in_place=True)[0]
+    return scaled, argmax, entropy, sampled, probs
+
+
+def _host_scale_exp(xs, scaled, e, ez, argmax, *, temp) -> None:
+    # Rows [n, V]: scaled = x / t, its argmax, e = exp(scaled - max), ez = e * (scaled - max).
+    np.divide(xs, temp, out=scaled)
+    argmax[:] = scaled.argmax(-1)
+    row_max = scaled[np.arange(len(xs)), argmax][:, None]
+    _host_exp_terms(scaled, row_max, e, ez)
+
+
+def _host_divide(xs: np.ndarray, by: np.ndarray, out: np.ndarray) -> None:
+    np.divide(xs, by, out=out)

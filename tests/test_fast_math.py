@@ -172,3 +172,25 @@ def test_host_soft_cap_of_a_temporary_may_reuse_its_buffer_and_gives_the_same_va
         assert np.array_equal(np.array(x), np.array(large(4, scale=40.0)))  # not a temporary: untouched
         reused = ops.softcap(x, 30.0, temporary=True)
     assert np.abs(np.array(reused) - want).max() < 1e-5 and np.array_equal(np.array(kept), np.array(reused))
+
+
+def test_the_samplers_per_position_host_pass_equals_its_steps_one_by_one():
+    # One host pass per row (scale, argmax, exponentials; probabilities normalised in place) gives
+    # exactly what the same steps give run one by one over the whole array.
+    from dgemma_mlx import sampler
+
+    logits = large(5).reshape(4, 2, 150_000)
+    logits = mx.where(mx.arange(150_000) % 11 == 0, -mx.inf, logits)  # masked logits: probability 0
+    t, u = mx.array(0.6, mx.float32), sampler._uniforms((4, 2), mx.random.key(6))
+    before = np.array(logits)
+    with ops.host_math():
+        scaled = logits / t
+        argmax = mx.argmax(scaled, axis=-1).astype(mx.int32)
+        e, blocks, block_sums, total, entropy = sampler._softmax_parts(scaled, argmax)
+        want = (scaled, argmax, entropy, sampler._inverse_cdf(blocks, block_sums, argmax, u), e / total[..., None])
+        mx.eval(*want)
+        got = sampler._per_position(logits, t, u)
+    for name, w, g in zip(("scaled", "argmax", "entropy", "sampled", "probs"), want, got):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert np.array_equal(np.array(w), np.array(g)), name
+    assert np.array_equal(np.array(logits), before)  # the logits are left alone
