@@ -274,6 +274,7 @@ def main() -> None:
     p.add_argument("--speed-pinned", default="0", help="fractions of the canvas pinned in the speed runs (comma-separated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/fast-sampling-<time>.json)")
+    p.add_argument("--no-preload", action="store_true", help="do not re-run with OpenBLAS preloaded (Linux)")
     a = p.parse_args()
     names = [c.strip() for c in a.configs.split(",") if c.strip()]
     bad = [c for c in names if c not in CONFIGS]
@@ -286,6 +287,10 @@ def main() -> None:
     if not pinned or any(not 0 <= f < 1 for f in pinned):
         sys.exit(f"error: --speed-pinned takes fractions in [0, 1), e.g. 0,0.75 (got '{a.speed_pinned}')")
 
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from probe import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas(a, lambda message: print(message, file=sys.stderr))
     from dgemma_mlx import load
 
     result = {"configs": {n: CONFIGS[n] for n in names}, "seed": a.seed, "sudoku": {}, "code": {}}
