@@ -154,3 +154,19 @@ def test_a_model_whose_experts_wait_for_the_host_runs_its_passes_eagerly(model, 
     assert model.host_syncs
     assert len(run_block(model, prompt, compiled=True, steps=3, confidence_threshold=1e-9)) == 3
     assert not made
+
+
+def test_a_4_bit_model_runs_its_gathered_quantized_experts_inside_the_compiled_pass(checkpoint, prompt, tmp_path,
+                                                                                   monkeypatch):
+    from dgemma_mlx import load
+    from dgemma_mlx.convert import convert
+
+    made = []
+    original = CompiledPass.__init__
+    monkeypatch.setattr(CompiledPass, "__init__", lambda self, *a, **kw: (made.append(1), original(self, *a, **kw))[1])
+    quantized, _ = load(convert(checkpoint, tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32))
+    assert quantized.layers[0].experts.quantized and not quantized.host_syncs
+    settings = dict(steps=6, entropy_bound=2.0)
+    eager = run_block(quantized, prompt, compiled=False, **settings)
+    assert_same_passes(eager, run_block(quantized, prompt, compiled=True, **settings))
+    assert made == [1]
