@@ -39,19 +39,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fast_sampling import SPEED_SHAPE  # noqa: E402  (modules of benchmarks/)
+from fast_sampling import SPEED_SHAPE, random_config, random_model  # noqa: E402  (modules of benchmarks/)
 from probe import loadavg, machine_info, maybe_reexec_with_openblas  # noqa: E402
 
 SHAPES = {
-    "depth": dict(
-        model_type="diffusion_gemma", canvas_length=256,
-        text_config=dict(
-            vocab_size=4096, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-            num_hidden_layers=30, num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
-            num_global_key_value_heads=1, sliding_window=128, num_experts=16, top_k_experts=4,
-            max_position_embeddings=4096, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
-            rms_norm_eps=1e-6, use_bidirectional_attention="vision", bos_token_id=2, eos_token_id=1, pad_token_id=0,
-        ),
+    "depth": random_config(
+        vocab_size=4096, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=30, num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+        num_global_key_value_heads=1, sliding_window=128, num_experts=16, top_k_experts=4,
     ),
     "vocab": SPEED_SHAPE,
 }
@@ -75,20 +70,11 @@ def time_block(model, cache, settings, pins, seed: int) -> list[float]:
 
 
 def measure(shape: str, passes: int, repeats: int, prompt: int, seed: int) -> dict:
-    import mlx.core as mx
-
     from dgemma_mlx import ops
-    from dgemma_mlx.config import ModelArgs
-    from dgemma_mlx.model import Model
     from dgemma_mlx.settings import GenerationSettings
 
-    args = ModelArgs.from_config(SHAPES[shape])
-    mx.random.seed(seed)
-    model = Model(args)
-    model.set_dtype(mx.float32)
-    mx.eval(model.parameters())
-    cache = model.make_cache()
-    model.encode(mx.random.randint(3, args.vocab_size, (1, prompt), key=mx.random.key(seed)), cache)
+    model, cache = random_model(SHAPES[shape], prompt, seed)
+    args = model.args
     settings = GenerationSettings(steps=passes, stability_threshold=0, confidence_threshold=1e-30)
     runs: dict[str, list[list[float]]] = {name: [] for name in CONFIGS}
     try:

@@ -177,17 +177,36 @@ def code_rows(model, tokenizer, work: Path, lines: int, functions: int, override
     return out
 
 
+def random_config(**text) -> dict:
+    """A DiffusionGemma ``config.json`` (canvas 256) with these ``text_config`` fields over common ones."""
+    common = dict(max_position_embeddings=4096, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+                  rms_norm_eps=1e-6, use_bidirectional_attention="vision", bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    return dict(model_type="diffusion_gemma", canvas_length=256, text_config={**common, **text})
+
+
+def random_model(config: dict, prompt: int, seed: int):
+    """``(model, cache)``: a random float32 model of ``config`` and a cache holding ``prompt`` random tokens."""
+    import mlx.core as mx
+
+    from dgemma_mlx.config import ModelArgs
+    from dgemma_mlx.model import Model
+
+    args = ModelArgs.from_config(config)
+    mx.random.seed(seed)
+    model = Model(args)
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    cache = model.make_cache()
+    model.encode(mx.random.randint(3, args.vocab_size, (1, prompt), key=mx.random.key(seed)), cache)
+    return model, cache
+
+
 # The sweep's vocabulary shape (benchmarks/sweep.py): a small MoE stack with the real vocabulary,
 # where the sampler and self-conditioning are the largest part of a pass.
-SPEED_SHAPE = dict(
-    model_type="diffusion_gemma", canvas_length=256,
-    text_config=dict(
-        vocab_size=262144, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
-        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, head_dim=128, global_head_dim=256,
-        num_global_key_value_heads=2, sliding_window=512, num_experts=32, top_k_experts=4,
-        max_position_embeddings=4096, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
-        rms_norm_eps=1e-6, use_bidirectional_attention="vision", bos_token_id=2, eos_token_id=1, pad_token_id=0,
-    ),
+SPEED_SHAPE = random_config(
+    vocab_size=262144, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
+    num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, head_dim=128, global_head_dim=256,
+    num_global_key_value_heads=2, sliding_window=512, num_experts=32, top_k_experts=4,
 )
 
 
@@ -206,19 +225,11 @@ def speed_rows(names: list[str], passes: int, prompt: int, seed: int, pinned: tu
 
     import mlx.core as mx
 
-    from dgemma_mlx.config import ModelArgs
-    from dgemma_mlx.model import Model
     from dgemma_mlx.refine import initial_canvas, refine_block
     from dgemma_mlx.settings import GenerationSettings
 
-    args = ModelArgs.from_config(SPEED_SHAPE)
-    mx.random.seed(seed)
-    model = Model(args)
-    model.set_dtype(mx.float32)
-    mx.eval(model.parameters())
-    cache = model.make_cache()
-    model.encode(mx.random.randint(3, args.vocab_size, (1, prompt), key=mx.random.key(seed)), cache)
-    C, V = args.canvas_length, args.vocab_size
+    model, cache = random_model(SPEED_SHAPE, prompt, seed)
+    C, V = model.args.canvas_length, model.args.vocab_size
     rows = []
     for fraction in pinned:
         pins = None
