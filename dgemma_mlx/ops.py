@@ -365,13 +365,13 @@ def host_map(body: Callable, *inputs: mx.array, outputs: int = 1, rowwise: bool 
     return outs
 
 
-def host_rows(body: Callable, x: mx.array, row_inputs: tuple[np.ndarray, ...], full_outputs: int,
+def host_rows(body: Callable, x: mx.array, full_outputs: int,
               row_outputs: tuple[type, ...]) -> tuple[list[mx.array], list[np.ndarray]]:
-    """Row-wise host work on ``x`` [..., V] (float32) over the thread pool: ``body(xs, *ins, *outs,
+    """Row-wise host work on ``x`` [..., V] (float32) over the thread pool: ``body(xs, *outs,
     *row_outs)`` gets blocks of whole rows (about :data:`HOST_CHUNK` elements): ``xs`` [n, V], the
-    matching rows [n] of each of ``row_inputs`` (NumPy, one value per row), of ``full_outputs``
-    new float32 arrays of ``x``'s shape ([n, V]) and of one NumPy array [rows] per dtype in
-    ``row_outputs``. Returns ``(full outputs as MLX arrays, row outputs as NumPy arrays)``."""
+    matching rows of ``full_outputs`` new float32 arrays of ``x``'s shape ([n, V]) and of one NumPy
+    array [rows] per dtype in ``row_outputs`` ([n]). Returns ``(full outputs as MLX arrays, row
+    outputs as NumPy arrays)``."""
     mx.eval(x)
     V = x.shape[-1]
     xs = np.asarray(x).reshape(-1, V)
@@ -387,7 +387,7 @@ def host_rows(body: Callable, x: mx.array, row_inputs: tuple[np.ndarray, ...], f
     def run(a: int, b: int) -> None:
         for r in range(a, b, step):
             s = slice(r, min(r + step, b))
-            body(xs[s], *(v[s] for v in row_inputs), *(o[s] for o in out_views), *(o[s] for o in row_outs))
+            body(xs[s], *(o[s] for o in out_views), *(o[s] for o in row_outs))
 
     for f in [_pool().submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
         f.result()
