@@ -325,6 +325,21 @@ HOST_CHUNK = 1 << 15
 """Elements per call of a host body: its temporaries stay in the core's cache between passes."""
 
 
+def _over_rows(rows: int, V: int, block: Callable[[slice], None]) -> None:
+    """``block(rows slice)`` over ``[0, rows)`` in slices of about :data:`HOST_CHUNK` elements of
+    rows of ``V``, each thread of the pool taking one contiguous range of rows."""
+    step = max(1, HOST_CHUNK // V)
+    parts = max(1, min(rows, HOST_THREADS))
+    bounds = [rows * i // parts for i in range(parts + 1)]
+
+    def run(a: int, b: int) -> None:
+        for r in range(a, b, step):
+            block(slice(r, min(r + step, b)))
+
+    for f in [_pool().submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
+        f.result()
+
+
 def host_map(body: Callable, *inputs: mx.array, outputs: int = 1, rowwise: bool = False,
              in_place: bool = False) -> list[mx.array]:
     """``outputs`` new float32 arrays of ``inputs[0]``'s shape, written by ``body(*ins, *outs)``
@@ -346,22 +361,14 @@ def host_map(body: Callable, *inputs: mx.array, outputs: int = 1, rowwise: bool 
         outs = [mx.zeros(shape, mx.float32) for _ in range(outputs)]
         mx.eval(*outs)
     out_views = [np.asarray(o).reshape(-1, V) for o in outs]
-    rows = views[0].shape[0]
-    parts = max(1, min(rows, HOST_THREADS))
-    bounds = [rows * i // parts for i in range(parts + 1)]
     cols = V if rowwise else min(V, HOST_CHUNK)
-    step = max(1, HOST_CHUNK // V)
 
-    def run(a: int, b: int) -> None:
-        for r in range(a, b, step):
-            r1 = min(r + step, b)
-            for c in range(0, V, cols):
-                c1 = c + cols
-                body(*(v[r:r1] if v.shape[1] == 1 else v[r:r1, c:c1] for v in views),
-                     *(o[r:r1, c:c1] for o in out_views))
+    def block(r: slice) -> None:
+        for c in range(0, V, cols):
+            c1 = c + cols
+            body(*(v[r] if v.shape[1] == 1 else v[r, c:c1] for v in views), *(o[r, c:c1] for o in out_views))
 
-    for f in [_pool().submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
-        f.result()
+    _over_rows(views[0].shape[0], V, block)
     return outs
 
 
@@ -378,19 +385,8 @@ def host_rows(body: Callable, x: mx.array, full_outputs: int,
     outs = [mx.zeros(x.shape, mx.float32) for _ in range(full_outputs)]
     mx.eval(*outs)
     out_views = [np.asarray(o).reshape(-1, V) for o in outs]
-    rows = xs.shape[0]
-    row_outs = [np.empty(rows, dtype) for dtype in row_outputs]
-    step = max(1, HOST_CHUNK // V)
-    parts = max(1, min(rows, HOST_THREADS))
-    bounds = [rows * i // parts for i in range(parts + 1)]
-
-    def run(a: int, b: int) -> None:
-        for r in range(a, b, step):
-            s = slice(r, min(r + step, b))
-            body(xs[s], *(o[s] for o in out_views), *(o[s] for o in row_outs))
-
-    for f in [_pool().submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
-        f.result()
+    row_outs = [np.empty(xs.shape[0], dtype) for dtype in row_outputs]
+    _over_rows(xs.shape[0], V, lambda r: body(xs[r], *(o[r] for o in out_views), *(o[r] for o in row_outs)))
     return outs, row_outs
 
 

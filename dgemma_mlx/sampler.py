@@ -399,7 +399,7 @@ def _host_per_position(logits: mx.array, t: mx.array, u: mx.array) -> tuple[mx.a
     temp = np.float32(t.item())
     lead = logits.shape[:-1]
     (scaled, e, ez), (argmax,) = host_rows(
-        lambda xs, *outs: _host_scale_exp(xs, *outs, temp=temp), logits.astype(mx.float32), 3, (np.int32,))
+        lambda xs, *outs: _host_scale_exp(xs, *outs, temp=temp), logits, 3, (np.int32,))
     argmax = mx.array(argmax).reshape(lead)
     blocks, block_sums, total, entropy = _softmax_sums(e, ez, argmax)
     sampled = _inverse_cdf(blocks, block_sums, argmax, u)
