@@ -166,7 +166,9 @@ class Ours(MlxImpl):
         return parts, logits
 
     def _sampler(self, logits) -> list:
-        """The sampler's work on one pass's logits, with the checkpoint's settings (last pass of a block)."""
+        """The sampler's work on one pass's logits, with the checkpoint's settings (last pass of a
+        block), evaluating what generation reads: the next self-conditioning input is ``probs``
+        for a float32 model, the scaled logits otherwise (as ``refine_block`` chooses)."""
         from dgemma_mlx.generate import default_settings
         from dgemma_mlx.sampler import sampler_step
 
@@ -176,7 +178,8 @@ class Ours(MlxImpl):
             confidence_threshold=s.confidence_threshold, history=[], stability_threshold=s.stability_threshold,
             key=self.mx.random.key(0),
         )
-        return [r.canvas, r.argmax, r.accepted, r.entropy, r.mean_entropy, r.stop, r.scaled, r.probs]
+        signal = r.probs if self.model.dtype == self.mx.float32 else r.scaled
+        return [r.canvas, r.argmax, r.accepted, r.entropy, r.mean_entropy, r.stop, signal]
 
     def generate(self, prompt, max_new, steps, seed):
         from dgemma_mlx.generate import stream_generate

@@ -175,11 +175,13 @@ def test_host_soft_cap_of_a_temporary_may_reuse_its_buffer_and_gives_the_same_va
 
 
 def test_the_samplers_per_position_host_pass_equals_its_steps_one_by_one():
-    # One host pass per row (scale, argmax, exponentials; probabilities normalised in place) gives
-    # exactly what the same steps give run one by one over the whole array.
+    # One host pass per row (scale, argmax, exponentials, the sum of e * z; probabilities
+    # normalised in place) gives exactly what the same steps give run one by one over the whole
+    # array, except the entropies: their sum of e * z is NumPy's (pairwise), not MLX's, so they
+    # agree to float32 rounding. 150,000 is not a multiple of the sampler's 512-wide blocks.
     from dgemma_mlx import sampler
 
-    logits = large(5).reshape(4, 2, 150_000)
+    logits = large(5, scale=3.0).reshape(4, 2, 150_000)
     logits = mx.where(mx.arange(150_000) % 11 == 0, -mx.inf, logits)  # masked logits: probability 0
     t, u = mx.array(0.6, mx.float32), sampler._uniforms((4, 2), mx.random.key(6))
     before = np.array(logits)
@@ -188,9 +190,12 @@ def test_the_samplers_per_position_host_pass_equals_its_steps_one_by_one():
         argmax = mx.argmax(scaled, axis=-1).astype(mx.int32)
         e, blocks, block_sums, total, entropy = sampler._softmax_parts(scaled, argmax)
         want = (scaled, argmax, entropy, sampler._inverse_cdf(blocks, block_sums, argmax, u), e / total[..., None])
-        mx.eval(*want)
-        got = sampler._per_position(logits, t, u)
+        want = [np.array(w) for w in want]
+        got = [np.array(g) for g in sampler._per_position(logits, t, u)]
     for name, w, g in zip(("scaled", "argmax", "entropy", "sampled", "probs"), want, got):
         assert g.shape == w.shape and g.dtype == w.dtype, name
-        assert np.array_equal(np.array(w), np.array(g)), name
+        if name == "entropy":
+            assert np.abs(w - g).max() <= 1e-6 * np.abs(w).max(), name
+        else:
+            assert np.array_equal(w, g, equal_nan=True), name
     assert np.array_equal(np.array(logits), before)  # the logits are left alone

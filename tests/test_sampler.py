@@ -365,10 +365,21 @@ def test_sampler_step_agrees_with_the_separate_functions():
     assert dtypes == [mx.int32, mx.int32, mx.bool_, mx.float32, mx.float32]
 
 
+@pytest.mark.parametrize("host", [False, True], ids=["mlx", "host-math"])
 @pytest.mark.parametrize("threshold", [0, 1, 2])
-def test_sampler_step_decides_like_the_reference_over_a_block(threshold):
+def test_sampler_step_decides_like_the_reference_over_a_block(threshold, host, monkeypatch, request):
     # Logits drift towards a fixed target while their noise shrinks, so rows become stable and
-    # confident part-way through the block, as in a real denoising run.
+    # confident part-way through the block, as in a real denoising run. With host math (the CPU
+    # kernels' NumPy pass, here forced on for these small arrays) as without it.
+    from dgemma_mlx import ops
+    from dgemma_mlx import sampler as sampler_module
+
+    if host:
+        monkeypatch.setattr(ops, "HOST_MATH_MIN_SIZE", 1)
+        ops.set_kernels("cpu")
+        request.addfinalizer(lambda: ops.set_kernels("auto"))
+    ran, host_rows = [], sampler_module.host_rows
+    monkeypatch.setattr(sampler_module, "host_rows", lambda *a, **k: ran.append(1) or host_rows(*a, **k))
     rng = np.random.default_rng(15 + threshold)
     batch, canvas, vocab, steps = 3, 64, 300, STEP_ARGS["max_steps"]
     processor = LinearTemperatureScheduleLogitsProcessor(STEP_ARGS["t_min"], STEP_ARGS["t_max"], steps)
@@ -376,25 +387,27 @@ def test_sampler_step_decides_like_the_reference_over_a_block(threshold):
     target = rng.integers(0, vocab, size=(batch, canvas))
     history: list[mx.array] = []
     stops = accepted = 0
-    for i, step in enumerate(range(steps, 0, -1)):
-        noise = rng.standard_normal((batch, canvas, vocab)) * 4.0 * (1 - i / steps) ** 2
-        raw = noise.astype(np.float32)
-        np.put_along_axis(raw, target[..., None], 2.0 + 1.5 * i, axis=-1)
-        r = sampler_step(mx.array(raw), step=step, history=history, stability_threshold=threshold,
-                         key=mx.random.key(i), **STEP_ARGS)
-        scaled = processor(None, torch.from_numpy(raw), torch.tensor(step, dtype=torch.int32))
-        np.testing.assert_array_equal(np_(r.scaled), scaled.numpy())
-        np.testing.assert_array_equal(np_(r.argmax), torch.argmax(scaled, -1).numpy())
-        np.testing.assert_allclose(np_(r.entropy), torch_entropy(scaled.numpy()).numpy(),
-                                   rtol=ENTROPY_RTOL, atol=entropy_atol(scaled.numpy()))
-        np.testing.assert_array_equal(np_(r.accepted), reference_accept(scaled.numpy(), STEP_ARGS["entropy_bound"]))
-        expected = stopping(torch.argmax(scaled, -1), scaled).numpy()
-        np.testing.assert_array_equal(np_(r.stop), expected)
-        canvas_now = np_(r.canvas)
-        assert canvas_now.min() >= 0 and canvas_now.max() < vocab
-        history.append(r.argmax)
-        stops, accepted = stops + int(expected.sum()), accepted + int(np_(r.accepted).sum())
+    with ops.host_math(host):
+        for i, step in enumerate(range(steps, 0, -1)):
+            noise = rng.standard_normal((batch, canvas, vocab)) * 4.0 * (1 - i / steps) ** 2
+            raw = noise.astype(np.float32)
+            np.put_along_axis(raw, target[..., None], 2.0 + 1.5 * i, axis=-1)
+            r = sampler_step(mx.array(raw), step=step, history=history, stability_threshold=threshold,
+                             key=mx.random.key(i), **STEP_ARGS)
+            scaled = processor(None, torch.from_numpy(raw), torch.tensor(step, dtype=torch.int32))
+            np.testing.assert_array_equal(np_(r.scaled), scaled.numpy())
+            np.testing.assert_array_equal(np_(r.argmax), torch.argmax(scaled, -1).numpy())
+            np.testing.assert_allclose(np_(r.entropy), torch_entropy(scaled.numpy()).numpy(),
+                                       rtol=ENTROPY_RTOL, atol=entropy_atol(scaled.numpy()))
+            np.testing.assert_array_equal(np_(r.accepted), reference_accept(scaled.numpy(), STEP_ARGS["entropy_bound"]))
+            expected = stopping(torch.argmax(scaled, -1), scaled).numpy()
+            np.testing.assert_array_equal(np_(r.stop), expected)
+            canvas_now = np_(r.canvas)
+            assert canvas_now.min() >= 0 and canvas_now.max() < vocab
+            history.append(r.argmax)
+            stops, accepted = stops + int(expected.sum()), accepted + int(np_(r.accepted).sum())
     assert stops > 0 and 0 < accepted < batch * canvas * steps
+    assert bool(ran) == host  # the host pass ran exactly when asked for
 
 
 def test_sampler_step_does_not_synchronise_with_the_host():
