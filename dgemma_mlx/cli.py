@@ -109,7 +109,7 @@ EntropyBound = _option(
     None, "--entropy-bound", metavar="X",
     help=f"Entropy budget of the positions accepted per pass (default: {_default('entropy_bound')}).",
 )
-TMin = _option(None, "--t-min", metavar="T", help=f"Temperature of the last pass (default: {_default('t_min')}).")
+TMin = _option(None, "--t-min", metavar="T", help=f"Temperature the schedule falls towards, from --t-max (default: {_default('t_min')}).")
 TMax = _option(None, "--t-max", metavar="T", help=f"Temperature of the first pass (default: {_default('t_max')}).")
 Temp = _option(None, "--temp", metavar="T", help="A constant temperature (sets --t-min and --t-max).")
 FreezeAccepted = _option(

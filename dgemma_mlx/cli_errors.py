@@ -25,28 +25,28 @@ except ImportError:  # pragma: no cover
 err = Console(stderr=True, highlight=False)
 
 # What other tools (mlx-lm, llama.cpp, transformers) call an option -> what to use here.
-SIMILAR_OPTIONS = {
-    "--temperature": "--temp (or --t-min/--t-max for a falling schedule)",
-    "--tmp": "--temp",
-    "--t": "--temp",
-    "--max-length": "--max-tokens",
-    "--max-new": "--max-tokens",
-    "--num-tokens": "--max-tokens",
-    "--n-predict": "--max-tokens",
-    "--tokens": "--max-tokens",
-    "--length": "--max-tokens",
-    "--denoising-steps": "--steps",
-    "--max-denoising-steps": "--steps",
-    "--num-steps": "--steps",
-    "--system-message": "--system-prompt",
-    "--model-path": "--model",
-    "--model-dir": "--model",
-    "--random-seed": "--seed",
-    "--top-p": "--entropy-bound (the entropy-bound sampler has no top-p)",
-    "--top-k": "--entropy-bound (the entropy-bound sampler has no top-k)",
-    "--min-p": "--entropy-bound (the entropy-bound sampler has no min-p)",
-    "--output": "a redirect (> FILE) for the answer, or --events PATH for every pass",
-    "-o": "a redirect (> FILE) for the answer, or --events PATH for every pass",
+SIMILAR_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    # another tool's option -> candidates (ours, a note): the first the command has is suggested
+    "--temperature": (("--temp", "or --t-min/--t-max for a falling schedule"),),
+    "--tmp": (("--temp", ""),),
+    "--t": (("--temp", ""),),
+    "--max-length": (("--max-tokens", ""),),
+    "--max-new": (("--max-tokens", ""),),
+    "--num-tokens": (("--max-tokens", ""),),
+    "--n-predict": (("--max-tokens", ""),),
+    "--tokens": (("--max-tokens", ""),),
+    "--length": (("--max-tokens", ""), ("--fill-length", "")),
+    "--denoising-steps": (("--steps", ""),),
+    "--max-denoising-steps": (("--steps", ""),),
+    "--num-steps": (("--steps", ""),),
+    "--system-message": (("--system-prompt", ""),),
+    "--model-path": (("--model", ""),),
+    "--model-dir": (("--model", ""),),
+    "--random-seed": (("--seed", ""),),
+    "--top-p": (("--entropy-bound", "the entropy-bound sampler has no top-p"),),
+    "--min-p": (("--entropy-bound", "the entropy-bound sampler has no min-p"),),
+    "--output": (("--events", "or a redirect (> FILE) for the answer"),),
+    "-o": (("--events", "or a redirect (> FILE) for the answer"),),
 }
 
 
@@ -80,8 +80,9 @@ def suggest(option: str, known: list[str]) -> Optional[str]:
     normal = ("-" if len(normal) == 2 else "--") + normal.lstrip("-")
     if normal in known and normal != option:
         return normal
-    if normal in SIMILAR_OPTIONS:
-        return SIMILAR_OPTIONS[normal]
+    for ours, note in SIMILAR_OPTIONS.get(normal, ()):
+        if ours in known:
+            return f"{ours} ({note})" if note else ours
     close = difflib.get_close_matches(normal, [k for k in known if k.startswith("--")], n=1, cutoff=0.6)
     return close[0] if close else None
 

@@ -44,15 +44,28 @@ def read_text_arg(text: Optional[str]) -> str:
 
 
 def read_file(path: str) -> str:
+    """The file's text, line ends as they are (see :func:`as_lf`)."""
     p = Path(path)
     if p.is_dir():
         raise DGemmaError(f"cannot read '{path}': it is a directory")
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise DGemmaError(f"cannot read '{path}': it is not UTF-8 text")
     except OSError as e:
         raise DGemmaError(f"cannot read '{path}': {e.strerror or e}")
+
+
+def as_lf(text: str) -> tuple[str, str]:
+    """``(text for the model, line end to write back)``: a text whose every line ends in CRLF
+    is given to the model with LF and written back with CRLF; any other text goes as it is."""
+    if "\r\n" in text and text.count("\r\n") == text.count("\n"):
+        return text.replace("\r\n", "\n"), "\r\n"
+    return text, "\n"
+
+
+def with_line_end(text: str, line_end: str) -> str:
+    return text if line_end == "\n" else text.replace("\n", line_end)
 
 
 def render_run(stream: Iterator, tokenizer, events: Optional[str], quiet: bool):
@@ -130,15 +143,20 @@ def infill(
     if fill_length <= 0:
         raise DGemmaError(f"--fill-length must be at least 1 token (got {fill_length})")
     lengths = parse_lengths(try_lengths)
-    source = read_text_arg(text)
-    parse_holes(source)  # bad holes fail before the model loads
+    source, line_end = as_lf(read_text_arg(text))
+    try:
+        parse_holes(source)  # bad holes fail before the model loads
+    except DGemmaError as e:
+        if text and source == text and not any(c.isspace() for c in text) and "<|" not in text:
+            raise DGemmaError(f"{e} (and there is no file '{text}')") from None  # a mistyped path?
+        raise
     mdl, tok = sampling.load(sampling.quiet)
     stream = stream_infill(
         mdl, tok, source, fill_length=fill_length, lengths=lengths, chat=chat, system=system_prompt, **overrides
     )
     end = render_run(stream, tok, sampling.events, sampling.quiet)
     if end is not None and sampling.events != "-":
-        write_stdout(end.text)
+        write_stdout(with_line_end(end.text, line_end))
 
 
 @app.command()
@@ -170,7 +188,7 @@ def edit(
     system_prompt = checked_system_prompt(system_prompt, system, sampling)
     check_utf8(instruction, "the instruction")
     a, b = line_range(lines)
-    source = read_file(file)
+    source, line_end = as_lf(read_file(file))
     n_lines = len(source.splitlines())
     if b > n_lines:
         raise DGemmaError(f"--lines {a}-{b} is outside '{file}' ({n_lines} lines)")
@@ -184,9 +202,9 @@ def edit(
     if end is None:
         return
     if in_place:
-        atomic_write_text(file, end.text, what="write")
+        atomic_write_text(file, with_line_end(end.text, line_end), what="write")
         if not sampling.quiet:
             err.print(f"Rewrote lines {a}-{b} of {file}", style="dim")
     elif sampling.events != "-":
-        write_stdout(end.text)
+        write_stdout(with_line_end(end.text, line_end))
 

@@ -52,7 +52,10 @@ def sudoku(
     ),
     adapter: Optional[str] = Adapter,
     random_puzzle: bool = typer.Option(False, "--random", metavar="", help="Solve a random puzzle with a unique solution."),
-    givens: int = typer.Option(35, "--givens", metavar="N", help="Givens of the --random puzzle (17-81)."),
+    givens: Optional[int] = typer.Option(
+        None, "--givens", metavar="N", show_default=False,
+        help="Givens of the --random puzzle (22-81, default 35; below 24 it can take seconds to make).",
+    ),
     seed: Optional[int] = Seed,
     steps: Optional[int] = Steps,
 ):
@@ -69,8 +72,10 @@ def sudoku(
     if random_puzzle:
         if puzzle is not None:
             raise DGemmaError("give a PUZZLE or --random, not both")
-        board, _ = sd.make_puzzle(_random.Random(None if seed == -1 else seed), givens)
+        board, _ = sd.make_puzzle(_random.Random(None if seed == -1 else seed), 35 if givens is None else givens)
     else:
+        if givens is not None:
+            raise DGemmaError("--givens is for --random puzzles (a given PUZZLE has its own)")
         if puzzle is None or puzzle == "-":
             if puzzle is None and sys.stdin.isatty():
                 raise DGemmaError("no puzzle given: pass PUZZLE (81 characters), pipe it on stdin, or use --random")
@@ -102,7 +107,7 @@ def sudoku(
     if live is None:
         print(sd.format_board(solved))
     err.print(
-        f"{'solved' if valid else 'NOT a valid solution'} in {steps_taken} passes "
+        f"{'solved' if valid else 'NOT a valid solution'} in {steps_taken} pass{'' if steps_taken == 1 else 'es'} "
         f"({end.stats.generation_seconds:.2f} s)", style="green" if valid else "red", highlight=False,
     )
     if not valid:

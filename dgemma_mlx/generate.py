@@ -46,7 +46,10 @@ def build_prompt(
     tokenizer has none (a base model, such as the bundled ``pycode``: it continues text)."""
     if not prompt or not prompt.strip():
         raise DGemmaError("the prompt is empty")
-    if not chat_template or not getattr(tokenizer, "has_chat_template", False):
+    if not chat_template or not has_chat_template(tokenizer):
+        if think:
+            raise DGemmaError("thinking needs the chat template, and "
+                              + ("it is turned off" if not chat_template else "this model has none"))
         if system:
             prompt = f"{system}\n\n{prompt}"
         return list(tokenizer.encode(prompt))
@@ -56,8 +59,16 @@ def build_prompt(
     return render_chat(tokenizer, messages, think=think)
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether ``tokenizer`` (mlx-lm's wrapper or a transformers tokenizer) has a chat template."""
+    return bool(getattr(tokenizer, "has_chat_template", False) or getattr(tokenizer, "chat_template", None))
+
+
 def render_chat(tokenizer, messages: list[dict], *, think: bool, add_generation_prompt: bool = True) -> list[int]:
     """The conversation rendered by the tokenizer's own chat template, as token ids."""
+    if not has_chat_template(tokenizer):
+        raise DGemmaError("this model has no chat template, so it takes no conversation or instruction "
+                          "(a base model: it continues text)")
     try:
         ids = tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, enable_thinking=think, tokenize=True

@@ -198,7 +198,7 @@ class GenerationSettings:
         if self.entropy_bound <= 0:
             raise SettingError("entropy_bound", f"entropy-bound must be positive (got {self.entropy_bound})")
         if self.temp is not None and self.temp <= 0:  # the schedule never reaches t_min; temp is every pass
-            raise SettingError("temp", f"temp must be positive (got {self.temp})")
+            raise SettingError("temp", f"temp must be positive (got {self.temp}); the sampler has no greedy mode, but a low --temp comes close")
         if self.temp is None and (self.t_min < 0 or self.t_max <= self.t_min):
             raise SettingError(
                 "t_min",

@@ -128,12 +128,22 @@ def random_grid(rng: random.Random) -> list[int]:
     return b
 
 
+MIN_GIVENS = 22
+"""The fewest givens :func:`make_puzzle` offers. Removing cells in random order while the solution
+stays unique ends at 21-27 givens (measured over 378 grids: 21 once, 22 in 1 of 27, 23-25 in 81%),
+so fewer than 22 would mean waiting on luck (true Sudoku minima go down to 17)."""
+
+MAX_TRIES = 1000
+"""Grids :func:`make_puzzle` tries before giving up (at 22 givens it needs ~27 on average)."""
+
+
 def make_puzzle(rng: random.Random, givens: int, solution: Optional[list[int]] = None) -> tuple[list[int], list[int]]:
     """``(puzzle, solution)`` with exactly ``givens`` givens and a unique solution. Cells are removed
-    in random order while the solution stays unique; a dead end starts over on a new grid."""
-    if not 17 <= givens <= 81:
-        raise DGemmaError(f"--givens must be between 17 and 81 (got {givens})")
-    while True:
+    in random order while the solution stays unique; a dead end starts over on a new grid, at most
+    :data:`MAX_TRIES` grids."""
+    if not MIN_GIVENS <= givens <= 81:
+        raise DGemmaError(f"--givens must be between {MIN_GIVENS} and 81 (got {givens})")
+    for _ in range(MAX_TRIES):
         grid = solution or random_grid(rng)
         puzzle = list(grid)
         order = list(range(81))
@@ -150,6 +160,7 @@ def make_puzzle(rng: random.Random, givens: int, solution: Optional[list[int]] =
         if filled == givens:
             return puzzle, grid
         solution = None
+    raise DGemmaError(f"no puzzle with {givens} givens in {MAX_TRIES} random grids; try a few more givens")
 
 
 def puzzles(seed: int, givens: int, n: int) -> Iterator[tuple[list[int], list[int]]]:

@@ -133,7 +133,7 @@ def test_dgemma_sudoku_exits_3_when_the_board_is_not_a_solution(solver):
     assert r.returncode == 3, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 9 and all(len(l) == 9 and l.isdigit() for l in lines)
-    assert "NOT a valid solution" in r.stderr
+    assert "NOT a valid solution in 1 pass (" in r.stderr
 
 
 @pytest.mark.parametrize(
@@ -146,3 +146,15 @@ def test_dgemma_sudoku_exits_3_when_the_board_is_not_a_solution(solver):
 )
 def test_dgemma_sudoku_rejects_bad_puzzles_with_one_line(puzzle, words):
     one_line_error(dgemma("sudoku", puzzle), *words)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("--random", "--givens", "17"), ("--givens must be between 22 and 81", "17")),
+        ((HARD, "--givens", "45"), ("--givens is for --random",)),
+        ((HARD, "--random"), ("not both",)),
+    ],
+)
+def test_dgemma_sudoku_rejects_bad_options_with_one_line(args, words):
+    one_line_error(dgemma("sudoku", *args), *words)

@@ -296,6 +296,21 @@ def test_unknown_flags_point_at_the_right_ones(flag, hint):
     one_line_error(r, f"did you mean {hint}")
 
 
+@pytest.mark.parametrize("command, flag, hint, not_hinted", [
+    ("infill", "--length", "--fill-length", "--max-tokens"),  # infill has no --max-tokens
+    ("sudoku", "--temperature", None, "--temp"),  # nor does sudoku have --temp
+    ("serve", "--temperature", None, "--temp"),
+    ("sudoku", "--top-p", None, "--entropy-bound"),
+])
+def test_hints_name_only_options_the_command_has(command, flag, hint, not_hinted):
+    r = dgemma(command, flag, "1")
+    assert r.returncode == 2
+    one_line_error(r, f"no such option: {flag}")
+    assert f"did you mean {not_hinted}" not in r.stderr
+    if hint:
+        assert f"did you mean {hint}?" in r.stderr
+
+
 def test_a_constant_temperature_is_allowed(checkpoint, tmp_path):
     events = tmp_path / "events.jsonl"
     r = dgemma("generate", "--model", str(checkpoint), "--steps", "3", "--seed", "1", "-n", "16", "--temp", "0.7",

@@ -281,6 +281,33 @@ def test_empty_prompt_is_an_error(model, tokenizer):
         list(stream_generate(model, tokenizer, []))
 
 
+class _NoTemplate:
+    """A tokenizer without a chat template (a base model's), otherwise the tiny one."""
+
+    has_chat_template, chat_template = False, None
+
+    def __init__(self, tokenizer):
+        self.encode = tokenizer.encode
+
+
+def test_without_a_chat_template_the_prompt_is_raw_text_and_thinking_is_an_error(tokenizer):
+    base = _NoTemplate(tokenizer)
+    assert build_prompt(base, "hi", system="Be brief.") == list(tokenizer.encode("Be brief.\n\nhi"))
+    with pytest.raises(DGemmaError, match="thinking needs the chat template, and this model has none"):
+        build_prompt(base, "hi", think=True)
+    with pytest.raises(DGemmaError, match="it is turned off"):
+        build_prompt(tokenizer, "hi", think=True, chat_template=False)
+    assert build_prompt(tokenizer, "hi", think=True)  # with the template it is allowed
+
+
+def test_a_conversation_without_a_chat_template_is_a_one_line_error(tokenizer):
+    from dgemma_mlx.generate import render_chat
+
+    with pytest.raises(DGemmaError, match="no chat template") as e:
+        render_chat(_NoTemplate(tokenizer), [{"role": "user", "content": "hi"}], think=False)
+    assert "\n" not in str(e.value)
+
+
 def test_prompt_longer_than_the_context_is_an_error(model, tokenizer):
     too_long = [5] * model.args.max_position_embeddings
     with pytest.raises(DGemmaError, match="context"):

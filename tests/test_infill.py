@@ -227,6 +227,7 @@ def test_unreadable_files_are_one_line_errors(checkpoint, tmp_path):
     one_line_error(dgemma("edit", "-m", str(checkpoint), str(tmp_path), "--lines", "1-1"), "directory")
     one_line_error(dgemma("edit", "-m", str(checkpoint), str(tmp_path / "missing.py"), "--lines", "1-1"),
                    "cannot read", "No such file")
+    one_line_error(dgemma("infill", "-m", str(checkpoint), str(tmp_path / "missing.py")), "no hole", "no file")
     locked = tmp_path / "locked.txt"
     locked.write_text("a <|fill|>")
     locked.chmod(0)
@@ -247,6 +248,18 @@ def test_edit_command_prints_or_rewrites_in_place(checkpoint, model, tokenizer, 
     assert r.returncode == 0, r.stderr
     assert r.stdout == "" and path.read_text() == expected
     assert stat.S_IMODE(path.stat().st_mode) == 0o640 and os.listdir(tmp_path) == ["f.py"]
+
+
+def test_in_place_edit_of_a_crlf_file_keeps_its_line_ends(checkpoint, model, tokenizer, tmp_path):
+    # The model sees LF; every line is written back with CRLF, those outside the range byte for byte.
+    text = "def f(x):\n    return x + 1\n\nprint(f(2))\n"
+    expected = edit(model, tokenizer, text, (2, 2), **FAST).text
+    path = tmp_path / "f.py"
+    path.write_bytes(text.replace("\n", "\r\n").encode())
+    r = dgemma("edit", "-m", str(checkpoint), *ARGS, str(path), "--lines", "2-2", "-i")
+    assert r.returncode == 0, r.stderr
+    assert path.read_bytes() == expected.replace("\n", "\r\n").encode()
+    assert path.read_bytes().startswith(b"def f(x):\r\n") and path.read_bytes().endswith(b"print(f(2))\r\n")
 
 
 def test_edit_lines_outside_the_file_is_a_one_line_error_and_the_file_is_untouched(checkpoint, tmp_path):

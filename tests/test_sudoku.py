@@ -64,6 +64,21 @@ def test_make_puzzle_has_the_givens_and_a_unique_solution(givens):
     assert sd.is_solution(solution, puzzle)
 
 
+def test_make_puzzle_reaches_its_fewest_givens_and_refuses_fewer():
+    puzzle, _ = sd.make_puzzle(random.Random(0), sd.MIN_GIVENS)
+    assert sum(1 for d in puzzle if d) == sd.MIN_GIVENS and sd.count_solutions(puzzle) == 1
+    for givens in (sd.MIN_GIVENS - 1, 82):
+        with pytest.raises(DGemmaError, match="--givens must be between"):
+            sd.make_puzzle(random.Random(0), givens)
+
+
+def test_make_puzzle_gives_up_after_its_tries_with_a_clear_error(monkeypatch):
+    monkeypatch.setattr(sd, "MAX_TRIES", 2)
+    monkeypatch.setattr(sd, "count_solutions", lambda puzzle: 2)  # no cell can ever be removed
+    with pytest.raises(DGemmaError, match="no puzzle with 40 givens in 2 random grids"):
+        sd.make_puzzle(random.Random(0), 40)
+
+
 def test_count_solutions_sees_several_solutions():
     assert sd.count_solutions([0] * 81) == 2
 

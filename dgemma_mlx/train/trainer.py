@@ -67,7 +67,8 @@ class TrainingArgs:
             raise DGemmaError("--from-scratch trains every weight: use it with --fine-tune-type full")
         for name in ("iters", "batch_size", "grad_accumulation_steps", "steps_per_report", "steps_per_eval", "save_every"):
             if getattr(self, name) <= 0:
-                raise DGemmaError(f"--{name.replace('_', '-')} must be at least 1")
+                extra = " (or 0 with --test: evaluation only)" if name == "iters" else ""
+                raise DGemmaError(f"--{name.replace('_', '-')} must be at least 1{extra}")
         if self.learning_rate <= 0:
             raise DGemmaError("--learning-rate must be positive")
         if self.max_seq_length <= 0:
