@@ -12,7 +12,7 @@ import difflib
 import os
 import sys
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -45,8 +45,10 @@ SIMILAR_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "--random-seed": (("--seed", ""),),
     "--top-p": (("--entropy-bound", "the entropy-bound sampler has no top-p"),),
     "--min-p": (("--entropy-bound", "the entropy-bound sampler has no min-p"),),
-    "--output": (("--events", "or a redirect (> FILE) for the answer"),),
-    "-o": (("--events", "or a redirect (> FILE) for the answer"),),
+    "--output": (("--events", "or a redirect (> FILE) for the answer"), ("--mlx-path", "")),
+    "-o": (("--events", "or a redirect (> FILE) for the answer"), ("--mlx-path", "")),
+    "--model": (("--hf-path", "the checkpoint to convert"),),
+    "--out": (("--mlx-path", ""), ("--save-path", ""), ("--adapter-path", "")),
 }
 
 
@@ -87,8 +89,10 @@ def suggest(option: str, known: list[str]) -> Optional[str]:
     return close[0] if close else None
 
 
-def usage_message(e) -> str:
-    """One line for a usage error, pointing at the command's help."""
+def usage_message(e, argv: Optional[list[str]] = None, commands: Sequence[str] = ()) -> str:
+    """One line for a usage error, pointing at the command's help (``argv`` and the app's
+    ``commands``: for errors raised without the command's context, such as an option missing its
+    value)."""
     ctx = getattr(e, "ctx", None)
     message = e.format_message()
     if isinstance(e, click_exceptions.NoSuchOption):
@@ -97,6 +101,11 @@ def usage_message(e) -> str:
         if hint:
             message += f" (did you mean {hint}?)"
     path = ctx.command_path if ctx is not None else "dgemma"
+    if path == "dgemma":
+        words = sys.argv[1:] if argv is None else argv
+        name = next((w for w in words if not w.startswith("-")), None)
+        if name in commands:
+            path = f"dgemma {name}"
     return f"{message.rstrip('.')}; see '{path} --help'"
 
 
@@ -118,7 +127,7 @@ def run_app(app, argv: Optional[list[str]] = None) -> int:
         print(e.ctx.get_help())
         return 0
     except click_exceptions.UsageError as e:
-        error_line(usage_message(e))
+        error_line(usage_message(e, argv, list(typer.main.get_command(app).commands)))
         return e.exit_code
     except click_exceptions.ClickException as e:
         error_line(e.format_message())

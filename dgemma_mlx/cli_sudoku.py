@@ -135,4 +135,6 @@ def models():
         return
     for e in entries:
         size = f"{e.size_bytes / 2**20:.1f} MB" if e.size_bytes < 2**30 else f"{e.size_bytes / 2**30:.1f} GB"
-        out.print(f"[bold]{e.name}[/bold]  [dim]{e.source}, {size}[/dim]\n  {e.description}")
+        out.print(f"[bold]{e.name}[/bold]  [dim]{e.source}, {size}[/dim]\n  {e.description}", soft_wrap=True)
+    if all(e.source == "bundled" for e in entries):
+        out.print("[dim](no DiffusionGemma checkpoint in the Hugging Face cache)[/dim]", soft_wrap=True)

@@ -51,8 +51,8 @@ def has_vision(model) -> bool:
 def require_vision(model) -> None:
     if not has_vision(model):
         raise DGemmaError(
-            "this checkpoint is text-only (no vision tower): it cannot read images; use a checkpoint "
-            "converted without --text-only"
+            "this checkpoint is text-only (no vision tower): it cannot read images; use a DiffusionGemma "
+            "checkpoint with its vision tower (converted without --text-only; the bundled models have none)"
         )
 
 

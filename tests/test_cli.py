@@ -301,6 +301,8 @@ def test_unknown_flags_point_at_the_right_ones(flag, hint):
     ("sudoku", "--temperature", None, "--temp"),  # nor does sudoku have --temp
     ("serve", "--temperature", None, "--temp"),
     ("sudoku", "--top-p", None, "--entropy-bound"),
+    ("convert", "--model", "--hf-path (the checkpoint to convert)", "--model"),
+    ("convert", "-o", "--mlx-path", "--events"),
 ])
 def test_hints_name_only_options_the_command_has(command, flag, hint, not_hinted):
     r = dgemma(command, flag, "1")
@@ -309,6 +311,13 @@ def test_hints_name_only_options_the_command_has(command, flag, hint, not_hinted
     assert f"did you mean {not_hinted}" not in r.stderr
     if hint:
         assert f"did you mean {hint}?" in r.stderr
+
+
+@pytest.mark.parametrize("command, flag", [("generate", "--max-tokens"), ("train", "--learning-rate")])
+def test_an_option_missing_its_value_points_at_the_commands_help(command, flag):
+    r = dgemma(command, flag)
+    assert r.returncode == 2
+    one_line_error(r, f"Option '{flag}' requires an argument", f"see 'dgemma {command} --help'")
 
 
 def test_a_constant_temperature_is_allowed(checkpoint, tmp_path):

@@ -26,6 +26,14 @@ def test_models_lists_diffusion_gemma_checkpoints_of_the_hf_cache(checkpoint, tm
     assert result.returncode == 0, result.stderr
     assert "someone/tiny-diffusiongemma" in result.stdout
     assert "a-llama" not in result.stdout
+    assert "no DiffusionGemma checkpoint" not in result.stdout
+
+
+def test_models_lines_are_not_wrapped_when_piped_and_an_empty_cache_is_said(tmp_path):
+    result = run_models({"HF_HUB_CACHE": str(tmp_path / "missing"), "COLUMNS": "40"})
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("  ") and "completion and infilling" in lines[1]  # one line per description
+    assert lines[-1] == "(no DiffusionGemma checkpoint in the Hugging Face cache)"
 
 
 def test_models_works_with_no_hf_cache(tmp_path):
