@@ -19,7 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -373,19 +373,19 @@ def host_map(body: Callable, *inputs: mx.array, outputs: int = 1, rowwise: bool 
 
 
 def host_rows(body: Callable, x: mx.array, full_outputs: int,
-              row_outputs: Sequence[tuple[type, tuple[int, ...]]]) -> tuple[list[mx.array], list[np.ndarray]]:
+              row_outputs: tuple[type, ...]) -> tuple[list[mx.array], list[np.ndarray]]:
     """Row-wise host work on ``x`` [..., V] (float32) over the thread pool: ``body(xs, *outs,
     *row_outs)`` gets blocks of whole rows (about :data:`HOST_CHUNK` elements): ``xs`` [n, V], the
     matching rows of ``full_outputs`` new float32 arrays of ``x``'s shape ([n, V]) and of one NumPy
-    array [rows, *shape] per ``(dtype, shape)`` in ``row_outputs`` ([n, *shape]). Returns ``(full
-    outputs as MLX arrays, row outputs as NumPy arrays)``."""
+    array [rows] per dtype in ``row_outputs`` ([n]). Returns ``(full outputs as MLX arrays, row
+    outputs as NumPy arrays)``."""
     mx.eval(x)
     V = x.shape[-1]
     xs = np.asarray(x).reshape(-1, V)
     outs = [mx.zeros(x.shape, mx.float32) for _ in range(full_outputs)]
     mx.eval(*outs)
     out_views = [np.asarray(o).reshape(-1, V) for o in outs]
-    row_outs = [np.empty((xs.shape[0], *shape), dtype) for dtype, shape in row_outputs]
+    row_outs = [np.empty(xs.shape[0], dtype) for dtype in row_outputs]
     _over_rows(xs.shape[0], V, lambda r: body(xs[r], *(o[r] for o in out_views), *(o[r] for o in row_outs)))
     return outs, row_outs
 

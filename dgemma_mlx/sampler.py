@@ -407,7 +407,7 @@ def _host_per_position(logits: mx.array, t: mx.array, u: mx.array) -> tuple[mx.a
     temp = np.float32(t.item())
     lead = logits.shape[:-1]
     (e,), rows = host_rows(lambda xs, *outs: _host_exp_parts(xs, *outs, temp=temp), logits, 1,
-                           ((np.int32, ()), (np.float32, ())))
+                           (np.int32, np.float32))
     argmax, ez_sum = (mx.array(r).reshape(lead) for r in rows)
     blocks, block_sums, total, entropy = _softmax_sums(e, argmax, ez_sum)
     sampled = _inverse_cdf(blocks, block_sums, argmax, u)
