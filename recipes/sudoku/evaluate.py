@@ -90,13 +90,13 @@ def main() -> None:
     from dgemma_mlx import load
     from dgemma_mlx.errors import DGemmaError
     from dgemma_mlx.generate import default_settings
-    from dgemma_mlx.sudoku import check_model
+    from dgemma_mlx.sudoku import MIN_GIVENS, check_model
 
     if a.puzzles <= 0 or a.batch_size <= 0:
         raise DGemmaError("--puzzles and --batch-size must be at least 1")
     for g in a.givens:
-        if not 17 <= g <= 80:
-            raise DGemmaError(f"--givens must be between 17 and 80 (got {g})")
+        if not MIN_GIVENS <= g <= 80:
+            raise DGemmaError(f"--givens must be between {MIN_GIVENS} and 80 (got {g})")
     model, tokenizer = load(a.model)
     check_model(model)
     bands = {}
