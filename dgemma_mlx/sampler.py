@@ -71,6 +71,7 @@ def _exp_terms_mlx(scaled: mx.array, row_max: mx.array) -> tuple[mx.array, mx.ar
 
 
 def _host_exp_terms(scaled: np.ndarray, row_max: np.ndarray, e: np.ndarray, ez: np.ndarray) -> None:
+    # ez may be scaled itself (it is read once, first).
     with np.errstate(all="ignore"):
         np.subtract(scaled, row_max, out=ez)  # z
         np.multiply(ez, np.float32(LOG2E), out=e)
@@ -418,15 +419,10 @@ def _host_per_position(logits: mx.array, t: mx.array, u: mx.array) -> tuple[mx.a
 
 def _host_exp_parts(xs: np.ndarray, e: np.ndarray, argmax: np.ndarray, ez_sum: np.ndarray, *, temp) -> None:
     # Rows [n, V]: e = exp(z) with z = x / t - max (as `_exp_terms`), the argmax and sum(e * z).
-    z = np.divide(xs, temp)
-    argmax[:] = z.argmax(-1)
-    z -= z[np.arange(len(z)), argmax][:, None]
-    with np.errstate(all="ignore"):
-        np.multiply(z, np.float32(LOG2E), out=e)
-        np.exp2(e, out=e)
-        np.maximum(z, np.float32(_F32_MIN), out=z)
-    z *= e
-    ez_sum[:] = z.sum(-1)
+    scaled = np.divide(xs, temp)
+    argmax[:] = scaled.argmax(-1)
+    _host_exp_terms(scaled, scaled[np.arange(len(xs)), argmax][:, None], e, scaled)  # e * z over scaled
+    ez_sum[:] = scaled.sum(-1)
 
 
 def _host_divide(xs: np.ndarray, by: np.ndarray, out: np.ndarray) -> None:
