@@ -19,7 +19,13 @@ Metrics (each on ``--limit`` items drawn with ``--seed`` from the held-out files
   token count, and ``<|fill|>`` of ``--fill-length``); exact match of the stripped line. The
   following lines of the function that fit in the hole's block stay pinned after it;
 * edit: the same lines rewritten in place with :func:`dgemma_mlx.infill.edit`, warm-started from
-  the current line vs from noise: passes until the block stopped, and the share of lines kept.
+  the current line vs from noise: passes until the block stopped, and the share of lines kept;
+* causal (not run by default): the completion's functions, their bodies sampled left to right from
+  the encoder's causal head at ``--causal-temperature``: what the same weights write one token at a
+  time, the yardstick for the denoiser, which writes many at once.
+
+``--t-max``, ``--t-min``, ``--entropy-bound`` and ``--steps`` override the checkpoint's sampler
+settings (``generation_config.json``) for every metric that samples.
 
 Prints a markdown table on stdout, progress on stderr, and writes the JSON (``--out``).
 """
@@ -196,6 +202,38 @@ def complete(model, tokenizer, f: Function, *, seed: int, context_tokens: int, m
             "parses": bool(n), "empty": n == 0, "body": text, "blocks": blocks}
 
 
+def complete_causal(model, tokenizer, f: Function, *, seed: int, context_tokens: int, max_tokens: int,
+                    temperature: float) -> dict:
+    """``f``'s body sampled left to right from the encoder's causal head (the training's second
+    loss) at ``temperature``, with the same prompt and ending rules as :func:`complete`: what the
+    same weights write one token at a time, a yardstick for the denoiser's parallel writing."""
+    import mlx.core as mx
+
+    ids = list(tokenizer.encode(context(f.lines, f.start, tokenizer, context_tokens) + f.header))
+    eos = set(model.args.eos_token_ids)
+    cache = model.make_cache()
+    model.encode(mx.array(ids[:-1])[None], cache)
+    key, last, out, text, ended = mx.random.key(seed), ids[-1], [], "", False
+    for _ in range(max_tokens):
+        h = model.encoder_pass(mx.array([[last]]), cache.layers, cache.offset)
+        cache.advance(1)
+        logits = model.logits(h)[0, -1]
+        key, sub = mx.random.split(key)
+        last = int(mx.random.categorical(logits / temperature, key=sub))
+        if last in eos:
+            ended = True
+            break
+        out.append(last)
+        text = tokenizer.decode(out)
+        cut = function_end(text, f.indent)
+        if cut is not None:
+            text, ended = text[:cut], True
+            break
+    n = statements(f.header, text) if ended else None
+    return {"file": f.file, "line": f.start + 1, "ended": ended, "statements": n,
+            "parses": bool(n), "empty": n == 0, "body": text, "tokens": len(out)}
+
+
 def infill_items(functions: list[Function], tokenizer, n: int, rng: random.Random) -> list[tuple[Function, int]]:
     """``n`` (function, line index) pairs: non-blank, non-comment body lines."""
     pool = [(f, i) for f in functions for i in range(f.header_end, f.end)
@@ -236,7 +274,7 @@ def infill_line(model, tokenizer, f: Function, i: int, *, seed: int, context_tok
     return out
 
 
-def edit_line(model, tokenizer, f: Function, i: int, *, seed: int, context_tokens: int) -> dict:
+def edit_line(model, tokenizer, f: Function, i: int, *, seed: int, context_tokens: int, **settings) -> dict:
     from dgemma_mlx.infill import edit
 
     C = model.args.canvas_length
@@ -246,7 +284,7 @@ def edit_line(model, tokenizer, f: Function, i: int, *, seed: int, context_token
     number = before.count("\n") + 1
     out = {"file": f.file, "line": i + 1}
     for name, warm in (("warm", True), ("cold", False)):
-        end = edit(model, tokenizer, text, (number, number), warm=warm, seed=seed)
+        end = edit(model, tokenizer, text, (number, number), warm=warm, seed=seed, **settings)
         kept = end.text.splitlines()[number - 1] == line if end.text.count("\n") >= number - 1 else False
         out[name] = {"passes": end.stats.steps, "kept": kept}
     return out
@@ -274,11 +312,18 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=WORK, help="the recipe's prepared data (manifest.json, data/)")
     p.add_argument("--limit", type=int, default=100, help="items per metric (default 100)")
     p.add_argument("--loss-batches", type=int, default=None, help="test batches of 8 rows for the loss (default all)")
-    p.add_argument("--metrics", default="loss,completion,infill,edit", help="which metrics to compute")
+    p.add_argument("--metrics", default="loss,completion,infill,edit",
+                   help="which metrics to compute (also: causal, the completion sampled left to right "
+                        "from the encoder's causal head)")
+    p.add_argument("--causal-temperature", type=float, default=0.6, help="temperature of the causal metric")
     p.add_argument("--context-tokens", type=int, default=160, help="tokens of source before a function or line")
     p.add_argument("--max-body-tokens", type=int, default=192, help="generated tokens per function body at most")
     p.add_argument("--fill-length", type=int, default=None, help="tokens of the default-length hole (default: the library's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--t-max", type=float, help="sampler: first pass's temperature (default: the checkpoint's)")
+    p.add_argument("--t-min", type=float, help="sampler: last pass's temperature (default: the checkpoint's)")
+    p.add_argument("--entropy-bound", type=float, help="sampler: entropy bound (default: the checkpoint's)")
+    p.add_argument("--steps", type=int, help="sampler: passes per block at most (default: the checkpoint's)")
     p.add_argument("--out", type=Path, help="JSON result file")
     a = p.parse_args()
 
@@ -288,14 +333,19 @@ def main() -> None:
     from dgemma_mlx.infill import DEFAULT_FILL_LENGTH
 
     wanted = {m.strip() for m in a.metrics.split(",") if m.strip()}
-    unknown = wanted - {"loss", "completion", "infill", "edit"}
+    unknown = wanted - {"loss", "completion", "causal", "infill", "edit"}
     if unknown or not wanted:
         raise DGemmaError(f"--metrics: unknown metric '{sorted(unknown)[0] if unknown else a.metrics}'")
     if a.limit <= 0:
         raise DGemmaError("--limit must be at least 1")
+    if a.causal_temperature <= 0:
+        raise DGemmaError("--causal-temperature must be positive")
     fill_length = a.fill_length or DEFAULT_FILL_LENGTH
     model, tokenizer = load(a.model)
-    settings = default_settings(model)
+    overrides = {k: v for k, v in (("t_max", a.t_max), ("t_min", a.t_min), ("entropy_bound", a.entropy_bound),
+                                    ("steps", a.steps)) if v is not None}
+    settings = default_settings(model).update(**overrides)
+    settings.validate()
     result: dict = {"model": str(a.model), "seed": a.seed, "settings": settings.to_dict()}
     rows = []
     if "loss" in wanted:
@@ -304,13 +354,13 @@ def main() -> None:
         rows += [["test loss per canvas token (diffusion)", f"{loss['diffusion_loss']:.4f}", f"{loss['rows']} rows"],
                  ["test loss per token (encoder, causal LM)", f"{loss['encoder_loss']:.4f}", f"{loss['rows']} rows"]]
     functions = held_out_functions(a.work) if wanted - {"loss"} else []
+    chosen = random.Random(a.seed).sample(functions, min(a.limit, len(functions)))  # completion and causal
     if "completion" in wanted:
-        chosen = random.Random(a.seed).sample(functions, min(a.limit, len(functions)))
         prog = Progress("completion", len(chosen))
         comps = []
         for k, f in enumerate(chosen):
             comps.append(complete(model, tokenizer, f, seed=a.seed + k, context_tokens=a.context_tokens,
-                                  max_tokens=a.max_body_tokens))
+                                  max_tokens=a.max_body_tokens, **overrides))
             prog.advance(note=f"{sum(c['parses'] for c in comps)} parse")
         s = result["sampler"] = sampler_metrics(comps, settings.steps)
         share = sum(c["parses"] for c in comps) / len(comps)
@@ -323,13 +373,25 @@ def main() -> None:
                  ["passes per block (mean)", f"{s['mean_passes_per_block']:.1f}", f"limit {s['max_passes']}, {s['blocks']} blocks"],
                  ["blocks ended by the adaptive stop", f"{s['stopped_before_limit']:.1%}", "before the pass limit"],
                  ["tokens per pass", f"{s['tokens_per_pass']:.2f}", "EOS included"]]
+    if "causal" in wanted:
+        prog = Progress("causal", len(chosen))
+        comps = []
+        for k, f in enumerate(chosen):
+            comps.append(complete_causal(model, tokenizer, f, seed=a.seed + k, context_tokens=a.context_tokens,
+                                         max_tokens=a.max_body_tokens, temperature=a.causal_temperature))
+            prog.advance(note=f"{sum(c['parses'] for c in comps)} parse")
+        share = sum(c["parses"] for c in comps) / len(comps)
+        result["causal"] = {"functions": len(comps), "temperature": a.causal_temperature, "parse_rate": share,
+                            "empty_rate": sum(c["empty"] for c in comps) / len(comps), "items": comps}
+        rows.append(["function bodies that parse, written by the causal head", f"{share:.1%}",
+                     f"{len(comps)} functions, temperature {a.causal_temperature}"])
     items = infill_items(functions, tokenizer, a.limit, random.Random(a.seed + 1)) if wanted & {"infill", "edit"} else []
     if "infill" in wanted:
         prog = Progress("infill", len(items))
         fills = []
         for k, (f, i) in enumerate(items):
             fills.append(infill_line(model, tokenizer, f, i, seed=a.seed + k, context_tokens=a.context_tokens,
-                                     fill_length=fill_length))
+                                     fill_length=fill_length, **overrides))
             prog.advance(note=f"{sum(x['true_length']['exact'] for x in fills)} exact")
         exact = {m: sum(x[m]["exact"] for x in fills) / len(fills) for m in ("true_length", "default_length")}
         result["infill"] = {"lines": len(fills), "fill_length": fill_length, "exact_match": exact, "items": fills}
@@ -339,7 +401,8 @@ def main() -> None:
         prog = Progress("edit", len(items))
         edits = []
         for k, (f, i) in enumerate(items):
-            edits.append(edit_line(model, tokenizer, f, i, seed=a.seed + k, context_tokens=a.context_tokens))
+            edits.append(edit_line(model, tokenizer, f, i, seed=a.seed + k, context_tokens=a.context_tokens,
+                                   **overrides))
             prog.advance()
         summary = {m: {"mean_passes": mean(e[m]["passes"] for e in edits),
                        "kept_rate": sum(e[m]["kept"] for e in edits) / len(edits)} for m in ("warm", "cold")}
