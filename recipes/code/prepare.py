@@ -49,7 +49,9 @@ TEXT_SHAPE = dict(  # the rest of the config: dgemma_mlx.config.small_model_conf
 )
 CANVAS = 64
 GENERATION_CONFIG = {
-    **REFERENCE_GENERATION_CONFIG,  # the reference sampler
+    **REFERENCE_GENERATION_CONFIG,  # the reference sampler ...
+    "t_max": 0.6,  # ... with this model's temperatures (README: "The sampler's temperatures")
+    "t_min": 0.3,
     "max_new_tokens": 128,
     "bos_token_id": 2,
     "eos_token_id": [1],
