@@ -197,9 +197,15 @@ def complete(model, tokenizer, f: Function, *, seed: int, context_tokens: int, m
             break
         if ev.eos:
             ended = True
+    return {**body_result(f, text, ended), "blocks": blocks}
+
+
+def body_result(f: Function, text: str, ended: bool) -> dict:
+    """What the completion metrics record of a generated body ``text`` of ``f``: it parses when it
+    ended and has at least one statement beyond the docstring."""
     n = statements(f.header, text) if ended else None
     return {"file": f.file, "line": f.start + 1, "ended": ended, "statements": n,
-            "parses": bool(n), "empty": n == 0, "body": text, "blocks": blocks}
+            "parses": bool(n), "empty": n == 0, "body": text}
 
 
 def complete_causal(model, tokenizer, f: Function, *, seed: int, context_tokens: int, max_tokens: int,
@@ -229,9 +235,7 @@ def complete_causal(model, tokenizer, f: Function, *, seed: int, context_tokens:
         if cut is not None:
             text, ended = text[:cut], True
             break
-    n = statements(f.header, text) if ended else None
-    return {"file": f.file, "line": f.start + 1, "ended": ended, "statements": n,
-            "parses": bool(n), "empty": n == 0, "body": text, "tokens": len(out)}
+    return {**body_result(f, text, ended), "tokens": len(out)}
 
 
 def infill_items(functions: list[Function], tokenizer, n: int, rng: random.Random) -> list[tuple[Function, int]]:
