@@ -73,7 +73,8 @@ def test_softmax_rows_sum_to_one_and_match_mlx():
     assert mx.abs(got.sum(-1) - 1).max().item() < 1e-5
 
 
-def test_compiled_training_step_equals_the_plain_step(checkpoint, tmp_path):
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_compiled_training_step_equals_the_plain_step(checkpoint, tmp_path, blocks):
     import train_reference as R
     from dgemma_mlx.train import TrainingArgs
     from dgemma_mlx.train.run import prepare
@@ -82,7 +83,7 @@ def test_compiled_training_step_equals_the_plain_step(checkpoint, tmp_path):
     trainers = []
     for compiled in (True, False):
         args = TrainingArgs(fine_tune_type="full", iters=3, batch_size=3, learning_rate=1e-3, seed=1,
-                            max_seq_length=48, save_every=100, compile=compiled)
+                            max_seq_length=48, save_every=100, compile=compiled, blocks_per_example=blocks)
         t = prepare(checkpoint, tmp_path / "data", tmp_path / f"out{compiled}", args)
         for layer in t.model.layers:
             layer.experts.strategy = "dense"  # no host synchronisation: compilable

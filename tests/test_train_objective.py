@@ -140,3 +140,66 @@ def test_sampled_draws_stay_in_range_and_corrupt_at_rate_t():
     assert 0.35 < np.array(d.self_conditioning_mask).mean() < 0.65
     expected, _ = canvas_targets(ids, rm, d.block_index, C, EOS)
     assert np.array_equal(np.array(d.targets), np.array(expected))
+
+
+# Two blocks per example, example-major: canvas rows 2k and 2k + 1 belong to example k.
+SECOND = ([0, 2, 0], [False, True, False])
+
+
+def two_blocks_per_example():
+    ids, am, rm, block, canvas, sc = case(*LONG["mixed-sc"])
+    block2, sc2 = np.array(SECOND[0]), np.array(SECOND[1])
+    canvas2 = np.random.default_rng(9).integers(0, tiny.VOCAB_SIZE, canvas.shape)
+    both = lambda a, b: np.stack([a, b], axis=1).reshape(-1, *a.shape[1:])  # noqa: E731
+    single = [(ids, am, rm, block, canvas, sc), (ids, am, rm, block2, canvas2, sc2)]
+    return (ids, am, rm, both(block, block2), both(canvas, canvas2), both(sc, sc2)), single
+
+
+def test_k_blocks_per_example_score_the_mean_of_the_reference_single_block_losses(reference_model, model):
+    joint, single = two_blocks_per_example()
+    with torch.no_grad():
+        refs = [[float(x) for x in R.inference_loss(reference_model, *c, eos=EOS)] for c in single]
+    diffusion, encoder = np.mean([r[1] for r in refs]), refs[0][2]
+    np.testing.assert_allclose(ours(model, *joint), [diffusion + encoder, diffusion, encoder], atol=1e-4, rtol=0)
+
+
+def test_k_blocks_per_example_gradients_are_the_mean_of_the_reference_single_block_gradients(reference_model, model):
+    (ids, am, rm, block, canvas, sc), single = two_blocks_per_example()
+    ref = reference_model
+    ref.zero_grad(set_to_none=True)
+    losses = [R.inference_loss(ref, *c, eos=EOS) for c in single]
+    # The encoder's loss counts once: it is the same for both blocks.
+    ((losses[0][1] + losses[1][1]) / 2 + losses[0][2]).backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+
+    def loss(params):
+        model.update(params)
+        return block_diffusion_loss(
+            model, mx.array(ids, dtype=mx.int32), mx.array(am), mx.array(rm), mx.array(block, dtype=mx.int32),
+            mx.array(canvas, dtype=mx.int32), mx.array(sc), eos_id=EOS,
+        )[0]
+
+    params = model.trainable_parameters()
+    grads = dict(tree_flatten(mx.grad(loss)(params)))
+    model.update(params)
+    ref.zero_grad(set_to_none=True)
+    for name, ref_name in GRADIENT_SAMPLE:
+        a, b = np.array(grads[name]), ref_grads[ref_name].numpy()
+        rel = np.abs(a - b).max() / np.abs(b).max()
+        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+
+
+def test_draws_for_k_blocks_per_example_are_example_major_and_k1_is_the_reference_draw():
+    rng = np.random.default_rng(1)
+    ids, am, rm = R.batch(rng, [70, 20, 45], [4, 2, 9], tiny.VOCAB_SIZE)
+    ids, rm = mx.array(ids, dtype=mx.int32), mx.array(rm)
+    kw = dict(canvas_length=C, vocab_size=tiny.VOCAB_SIZE, eos_id=EOS)
+    d = sample_draws(mx.random.key(3), ids, rm, blocks_per_example=4, **kw)
+    assert d.block_index.shape == (12,) and d.canvas_ids.shape == (12, C) and d.self_conditioning_mask.shape == (12,)
+    expected, _ = canvas_targets(mx.repeat(ids, 4, axis=0), mx.repeat(rm, 4, axis=0), d.block_index, C, EOS)
+    assert np.array_equal(np.array(d.targets), np.array(expected))
+    assert set(np.array(d.block_index)[4:8]) <= {0, 1}  # the 20-token row has two blocks
+    assert len({tuple(r) for r in np.array(d.canvas_ids)[:4]}) == 4  # independent corruption per block
+    one, default = sample_draws(mx.random.key(3), ids, rm, blocks_per_example=1, **kw), sample_draws(mx.random.key(3), ids, rm, **kw)
+    for a, b in zip((one.block_index, one.canvas_ids, one.self_conditioning_mask), (default.block_index, default.canvas_ids, default.self_conditioning_mask)):
+        assert np.array_equal(np.array(a), np.array(b))

@@ -17,6 +17,11 @@ which form one contiguous span: the response):
 * loss = mean cross-entropy over every canvas position (no ``1/t`` weighting) + ``encoder_weight``
   x the encoder's causal next-token cross-entropy over all valid pairs (tied head, soft-capped).
 
+``blocks_per_example`` K > 1 (ours, off by default) denoises K blocks of each example, each with its
+own block choice, corruption and coin, all reading the one encoder pass: the same loss in
+expectation as K examples, with K times the denoiser's training signal for one encoder pass
+(canvas rows are example-major: rows ``k*K ... k*K + K-1`` belong to example ``k``).
+
 :func:`block_diffusion_loss` is the deterministic core (the random draws are inputs);
 :func:`sample_draws` makes the draws.
 """
@@ -81,11 +86,16 @@ def sample_draws(
     eos_id: int,
     t_range: tuple[float, float] = (EPS, 1.0),
     self_conditioning_p: float = 0.5,
+    blocks_per_example: int = 1,
 ) -> Draws:
     """Block choice, corruption and self-conditioning coins for one batch.
 
     ``t_range`` bounds the per-example corruption ratio (default ``U(1e-3, 1)``, the reference's;
-    a higher floor is a curriculum for from-scratch training)."""
+    a higher floor is a curriculum for from-scratch training). With ``blocks_per_example`` K the
+    draws are for ``B * K`` canvases, example-major (blocks drawn independently, with replacement)."""
+    if blocks_per_example > 1:
+        input_ids = mx.repeat(input_ids, blocks_per_example, axis=0)
+        response_mask = mx.repeat(response_mask, blocks_per_example, axis=0)
     B = input_ids.shape[0]
     k_block, k_t, k_pos, k_tok, k_sc = mx.random.split(key, 5)
     blocks = num_blocks(response_mask, canvas_length)
@@ -181,9 +191,10 @@ def block_diffusion_loss(
         input_ids: int [B, L] clean sequences, right-padded.
         attention_mask: [B, L], 1 on real tokens.
         response_mask: [B, L], 1 on the supervised (response) tokens: one contiguous span a row.
-        block_index: int [B], the response block each example trains on.
-        canvas_ids: int [B, C], that block corrupted.
-        self_conditioning_mask: bool [B], rows whose second pass is self-conditioned.
+        block_index: int [B*K], the response block each canvas trains on (K blocks per example,
+            example-major; K = 1 is the reference's one block per example).
+        canvas_ids: int [B*K, C], those blocks corrupted.
+        self_conditioning_mask: bool [B*K], canvases whose second pass is self-conditioned.
         eos_id: the id filling the canvas past the response's end.
         encoder_weight: weight of the encoder's causal-LM loss.
         prefix_length: without the encoder loss, how many leading tokens to encode (at least the
@@ -193,7 +204,9 @@ def block_diffusion_loss(
     args = model.args
     C = canvas_ids.shape[1]
     L = input_ids.shape[1]
-    targets, cut = canvas_targets(input_ids, response_mask, block_index, C, eos_id)
+    K = canvas_ids.shape[0] // input_ids.shape[0]
+    each = (lambda x: mx.repeat(x, K, axis=0)) if K > 1 else (lambda x: x)  # per example -> per canvas
+    targets, cut = canvas_targets(each(input_ids), each(response_mask), block_index, C, eos_id)
 
     if not encoder_weight:
         # Without the encoder loss only the tokens before the last block start are needed.
@@ -215,7 +228,7 @@ def block_diffusion_loss(
         window = args.sliding_window if layer.self_attn.is_sliding else None
         if window not in masks:
             masks[window] = _cut_mask(cut, L, window, C)
-        layers.append(_CutPrefix(rec.keys, rec.values, masks[window]))
+        layers.append(_CutPrefix(each(rec.keys), each(rec.values), masks[window]))
     prefix = _TrainingPrefix(layers, cut)
 
     first = mx.stop_gradient(model.denoise(canvas_ids, prefix))

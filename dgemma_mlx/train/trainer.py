@@ -55,6 +55,7 @@ class TrainingArgs:
     noise_min: float = EPS
     noise_max: float = 1.0
     self_conditioning_p: float = 0.5
+    blocks_per_example: int = 1  # blocks denoised per example on one encoder pass (1: the reference's)
     grad_checkpoint: bool = False
     compile: bool = True  # compile the step (with grad_accumulation_steps == 1)
     stop_after: Optional[int] = None  # end this run there with a resumable checkpoint (schedule: iters)
@@ -65,7 +66,8 @@ class TrainingArgs:
             raise DGemmaError(f"unknown --fine-tune-type '{self.fine_tune_type}' (choose lora or full)")
         if self.from_scratch and self.fine_tune_type != "full":
             raise DGemmaError("--from-scratch trains every weight: use it with --fine-tune-type full")
-        for name in ("iters", "batch_size", "grad_accumulation_steps", "steps_per_report", "steps_per_eval", "save_every"):
+        for name in ("iters", "batch_size", "grad_accumulation_steps", "steps_per_report", "steps_per_eval", "save_every",
+                     "blocks_per_example"):
             if getattr(self, name) <= 0:
                 extra = " (or 0 with --test: evaluation only)" if name == "iters" else ""
                 raise DGemmaError(f"--{name.replace('_', '-')} must be at least 1{extra}")
@@ -162,7 +164,7 @@ class Trainer:
         self._compiled: dict = {}
 
     # ------------------------------------------------------------------------------ the step
-    def _draws(self, batch: Batch, key: mx.array) -> tuple:
+    def _draws(self, batch: Batch, key: mx.array, blocks_per_example: Optional[int] = None) -> tuple:
         """The step's inputs: ``(input_ids, attention_mask, response_mask, block_index, canvas_ids,
         self_conditioning_mask)`` and the encoder length needed (see :func:`prefix_length`)."""
         m, a = self.model, self.args
@@ -170,9 +172,12 @@ class Trainer:
         d = sample_draws(
             key, ids, rm, canvas_length=m.args.canvas_length, vocab_size=m.args.vocab_size,
             eos_id=self.eos_id, t_range=(a.noise_min, a.noise_max), self_conditioning_p=a.self_conditioning_p,
+            blocks_per_example=blocks_per_example or a.blocks_per_example,
         )
         inputs = (ids, mx.array(batch.attention_mask), rm, d.block_index, d.canvas_ids, d.self_conditioning_mask)
-        length = None if a.encoder_loss_weight else prefix_length(batch.response_mask, d.block_index, m.args.canvas_length)
+        K = d.canvas_ids.shape[0] // ids.shape[0]
+        length = (None if a.encoder_loss_weight else
+                  prefix_length(np.repeat(batch.response_mask, K, axis=0), d.block_index, m.args.canvas_length))
         return inputs, length
 
     def _objective(self, *inputs, prefix_length: Optional[int] = None):
@@ -181,8 +186,8 @@ class Trainer:
             prefix_length=prefix_length,
         )
 
-    def _loss(self, batch: Batch, key: mx.array):
-        inputs, length = self._draws(batch, key)
+    def _loss(self, batch: Batch, key: mx.array, blocks_per_example: Optional[int] = None):
+        inputs, length = self._draws(batch, key, blocks_per_example)
         return self._objective(*inputs, prefix_length=length)
 
     @property
@@ -211,12 +216,12 @@ class Trainer:
 
     def evaluate(self, dataset: Dataset, limit: Optional[int]) -> tuple[float, float, float]:
         """Mean (loss, diffusion, encoder) over the first ``limit`` batches (all when ``limit`` is
-        None or negative), with fixed draws."""
+        None or negative), with fixed draws (one block per example, whatever ``blocks_per_example``)."""
         self.model.eval()
         totals = np.zeros(3)
         batches = fixed_batches(dataset, self.args.batch_size, limit)
         for i, batch in enumerate(batches):
-            out = self._loss(batch, eval_key(self.args.seed, i))
+            out = self._loss(batch, eval_key(self.args.seed, i), blocks_per_example=1)  # the reference's draws
             mx.eval(out)
             totals += [float(x) for x in out]
         self.model.train()
