@@ -1,5 +1,6 @@
 """The code recipe's evaluation (``recipes/code/evaluate.py``): the causal-head yardstick writes a
-function body left to right, reproducibly per seed, and ends it where the function ends."""
+function body left to right, reproducibly per seed, and ends it where the function ends; the token
+yardstick scores each true body token as each head predicts it."""
 
 from __future__ import annotations
 
@@ -50,3 +51,26 @@ def test_causal_completion_is_reproducible_per_seed_and_stays_inside_the_functio
             assert r["parses"] == bool(code_eval.statements(f.header, r["body"]))
         else:
             assert r["statements"] is None and not r["parses"]
+
+
+def test_token_losses_score_each_body_token_as_the_heads_predict_it(pycode):
+    import mlx.core as mx
+
+    model, tok = pycode
+    f = function()
+    got = code_eval.token_losses(model, tok, f, seed=3, context_tokens=64)
+    prompt = list(tok.encode(code_eval.context(f.lines, f.start, tok, 64) + f.header))
+    body = list(tok.encode(f.body, add_special_tokens=False))
+    assert all(len(v) == len(body) for v in got.values()) and all(x > 0 for v in got.values() for x in v)
+    # The causal head's figure for each token: one step of left-to-right decoding after its left context.
+    cache = model.make_cache()
+    model.encode(mx.array([prompt[:-1]]), cache)
+    for i, last in enumerate([prompt[-1]] + body[:2]):
+        logits = model.logits(model.encoder_pass(mx.array([[last]]), cache.layers, cache.offset))[0, -1]
+        cache.advance(1)
+        expected = (mx.logsumexp(logits) - logits[body[i]]).item()
+        assert got["causal"][i] == pytest.approx(expected, abs=1e-3)
+    # The denoiser's: a noisy token with every other canvas token clean is easier than one after
+    # which the whole canvas is noise (on average over the body).
+    assert sum(got["one"]) < sum(got["left"])
+    assert code_eval.token_losses(model, tok, f, seed=3, context_tokens=64) == got

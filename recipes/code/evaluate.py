@@ -22,7 +22,13 @@ Metrics (each on ``--limit`` items drawn with ``--seed`` from the held-out files
   the current line vs from noise: passes until the block stopped, and the share of lines kept;
 * causal (not run by default): the completion's functions, their bodies sampled left to right from
   the encoder's causal head at ``--causal-temperature``: what the same weights write one token at a
-  time, the yardstick for the denoiser, which writes many at once.
+  time, the yardstick for the denoiser, which writes many at once;
+* tokens (not run by default): the completion's functions, the first canvas of each true body
+  scored token by token (cross-entropy, nats): by the causal head from the prompt and the body's
+  earlier tokens; by the denoiser with the body's earlier tokens clean on the canvas and the rest
+  uniform noise ("left"); and by the denoiser with every other canvas token clean ("one"). The
+  denoiser's figures are of a second pass self-conditioned on the first pass's logits (as every
+  sampler pass after the first is). A cheaper, less noisy yardstick of the denoiser than sampling.
 
 ``--t-max``, ``--t-min``, ``--entropy-bound`` and ``--steps`` override the checkpoint's sampler
 settings (``generation_config.json``) for every metric that samples.
@@ -238,6 +244,43 @@ def complete_causal(model, tokenizer, f: Function, *, seed: int, context_tokens:
     return {**body_result(f, text, ended), "tokens": len(out)}
 
 
+def token_losses(model, tokenizer, f: Function, *, seed: int, context_tokens: int) -> dict:
+    """Cross-entropy (nats) of each of the first ``canvas_length`` tokens of ``f``'s true body under
+    the causal head and under the denoiser in two canvases (see the module docstring: ``left``,
+    ``one``); lists of per-token values."""
+    import mlx.core as mx
+    import numpy as np
+
+    C, V = model.args.canvas_length, model.args.vocab_size
+    prompt = list(tokenizer.encode(context(f.lines, f.start, tokenizer, context_tokens) + f.header))
+    body = list(tokenizer.encode(f.body, add_special_tokens=False))[:C]
+    n = len(body)
+    if not n:
+        return {"causal": [], "left": [], "one": []}
+    target = mx.array(body)
+
+    def ce(logits):  # [n, V] -> [n]
+        return (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, target[:, None], axis=-1)[:, 0]).tolist()
+
+    cache = model.make_cache()
+    causal = model.logits(model.encoder_pass(mx.array([prompt + body]), cache.layers, 0))[0, len(prompt) - 1 : -1]
+    cache = model.make_cache()
+    model.encode(mx.array([prompt]), cache)
+    rng = np.random.default_rng(seed)
+    clean = np.array(body + [model.args.eos_token_ids[0]] * (C - n))
+    rows = np.arange(n)
+    left = np.where(np.arange(C)[None] < rows[:, None], clean[None], rng.integers(0, V, (n, C)))
+    one = np.repeat(clean[None], n, axis=0)
+    one[rows, rows] = rng.integers(0, V, n)
+    out = {"causal": ce(causal)}
+    for name, canvas in (("left", left), ("one", one)):
+        canvas = mx.array(canvas)
+        first = model.denoise(canvas, cache)
+        logits = model.denoise(canvas, cache, first)
+        out[name] = ce(logits[mx.array(rows), mx.array(rows)])
+    return out
+
+
 def infill_items(functions: list[Function], tokenizer, n: int, rng: random.Random) -> list[tuple[Function, int]]:
     """``n`` (function, line index) pairs: non-blank, non-comment body lines."""
     pool = [(f, i) for f in functions for i in range(f.header_end, f.end)
@@ -318,7 +361,7 @@ def main() -> None:
     p.add_argument("--loss-batches", type=int, default=None, help="test batches of 8 rows for the loss (default all)")
     p.add_argument("--metrics", default="loss,completion,infill,edit",
                    help="which metrics to compute (also: causal, the completion sampled left to right "
-                        "from the encoder's causal head)")
+                        "from the encoder's causal head; tokens, the true bodies scored by both heads)")
     p.add_argument("--causal-temperature", type=float, default=0.6, help="temperature of the causal metric")
     p.add_argument("--context-tokens", type=int, default=160, help="tokens of source before a function or line")
     p.add_argument("--max-body-tokens", type=int, default=192, help="generated tokens per function body at most")
@@ -337,7 +380,7 @@ def main() -> None:
     from dgemma_mlx.infill import DEFAULT_FILL_LENGTH
 
     wanted = {m.strip() for m in a.metrics.split(",") if m.strip()}
-    unknown = wanted - {"loss", "completion", "causal", "infill", "edit"}
+    unknown = wanted - {"loss", "completion", "causal", "tokens", "infill", "edit"}
     if unknown or not wanted:
         raise DGemmaError(f"--metrics: unknown metric '{sorted(unknown)[0] if unknown else a.metrics}'")
     if a.limit <= 0:
@@ -389,6 +432,20 @@ def main() -> None:
                             "empty_rate": sum(c["empty"] for c in comps) / len(comps), "items": comps}
         rows.append(["function bodies that parse, written by the causal head", f"{share:.1%}",
                      f"{len(comps)} functions, temperature {a.causal_temperature}"])
+    if "tokens" in wanted:
+        prog = Progress("tokens", len(chosen))
+        per = {"causal": [], "left": [], "one": []}
+        for k, f in enumerate(chosen):
+            for name, values in token_losses(model, tokenizer, f, seed=a.seed + k, context_tokens=a.context_tokens).items():
+                per[name] += values
+            prog.advance()
+        result["tokens"] = {"functions": len(chosen), "tokens": len(per["causal"]),
+                            **{name: mean(v) for name, v in per.items()}}
+        notes = {"causal": "the causal head, from the prompt and the body's earlier tokens",
+                 "left": "the denoiser, earlier body tokens clean on the canvas, the rest noise",
+                 "one": "the denoiser, every other canvas token clean"}
+        rows += [[f"body token loss, {name}", f"{result['tokens'][name]:.3f}", f"{notes[name]}; {len(per[name])} tokens"]
+                 for name in per]
     items = infill_items(functions, tokenizer, a.limit, random.Random(a.seed + 1)) if wanted & {"infill", "edit"} else []
     if "infill" in wanted:
         prog = Progress("infill", len(items))
