@@ -84,13 +84,15 @@ def test_pycode_adaptive_stop_ends_blocks_early_with_several_tokens_per_pass(pyc
     from dgemma_mlx.generate import stream_generate
 
     model, tok = pycode
-    run = events(stream_generate(model, tok, "import os\n\n\ndef main():\n", seed=0, max_new_tokens=128))
-    limit = run["pass"][0].max_steps
-    early = [c for c in run["commit"] if c.steps < limit]
-    assert early, [c.steps for c in run["commit"]]
-    assert any(p.stopped for p in run["pass"])
+    runs = [events(stream_generate(model, tok, "import os\n\n\ndef main():\n", seed=seed, max_new_tokens=128))
+            for seed in range(4)]
+    limit = runs[0]["pass"][0].max_steps
+    commits = [c for run in runs for c in run["commit"]]
+    early = [c for c in commits if c.steps < limit]
+    assert len(early) >= len(commits) // 2, [c.steps for c in commits]  # the evaluation's rate is 9 in 10
+    assert all(any(p.stopped for p in run["pass"]) for run in runs if any(c.steps < limit for c in run["commit"]))
     assert all((len(c.tokens) + c.eos) / c.steps > 1 for c in early), [(len(c.tokens), c.steps) for c in early]
-    assert run["end"].stats.tokens_per_forward > 1
+    assert all(run["end"].stats.tokens_per_forward > 1 for run in runs)
 
 
 def test_sudoku_solver_solves_an_easy_puzzle_in_fewer_passes_than_cells(solver, easy):
