@@ -94,11 +94,8 @@ GRADIENT_SAMPLE = [
 ]
 
 
-def test_gradients_match_torch_autograd(reference_model, model):
-    ids, am, rm, block, canvas, sc = case(*LONG["mixed-sc"])
-    ref = reference_model
-    ref.zero_grad(set_to_none=True)
-    R.inference_loss(ref, ids, am, rm, block, canvas, sc, eos=EOS)[0].backward()
+def assert_gradients_match(model, ref, ids, am, rm, block, canvas, sc):
+    """Our loss's gradients on the batch against the torch reference's (``ref``: backward already run)."""
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
     def loss(params):
@@ -117,6 +114,14 @@ def test_gradients_match_torch_autograd(reference_model, model):
         assert a.shape == b.shape, name
         rel = np.abs(a - b).max() / np.abs(b).max()
         assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+
+
+def test_gradients_match_torch_autograd(reference_model, model):
+    ids, am, rm, block, canvas, sc = case(*LONG["mixed-sc"])
+    ref = reference_model
+    ref.zero_grad(set_to_none=True)
+    R.inference_loss(ref, ids, am, rm, block, canvas, sc, eos=EOS)[0].backward()
+    assert_gradients_match(model, ref, ids, am, rm, block, canvas, sc)
 
 
 def test_clean_canvas_is_the_block_then_eos_fill():
@@ -170,23 +175,7 @@ def test_k_blocks_per_example_gradients_are_the_mean_of_the_reference_single_blo
     losses = [R.inference_loss(ref, *c, eos=EOS) for c in single]
     # The encoder's loss counts once: it is the same for both blocks.
     ((losses[0][1] + losses[1][1]) / 2 + losses[0][2]).backward()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-
-    def loss(params):
-        model.update(params)
-        return block_diffusion_loss(
-            model, mx.array(ids, dtype=mx.int32), mx.array(am), mx.array(rm), mx.array(block, dtype=mx.int32),
-            mx.array(canvas, dtype=mx.int32), mx.array(sc), eos_id=EOS,
-        )[0]
-
-    params = model.trainable_parameters()
-    grads = dict(tree_flatten(mx.grad(loss)(params)))
-    model.update(params)
-    ref.zero_grad(set_to_none=True)
-    for name, ref_name in GRADIENT_SAMPLE:
-        a, b = np.array(grads[name]), ref_grads[ref_name].numpy()
-        rel = np.abs(a - b).max() / np.abs(b).max()
-        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+    assert_gradients_match(model, ref, ids, am, rm, block, canvas, sc)
 
 
 def test_draws_for_k_blocks_per_example_are_example_major_and_k1_is_the_reference_draw():
