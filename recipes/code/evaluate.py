@@ -250,6 +250,7 @@ def token_losses(model, tokenizer, f: Function, *, seed: int, context_tokens: in
     ``one``); lists of per-token values."""
     import mlx.core as mx
     import numpy as np
+    from mlx.nn.losses import cross_entropy
 
     C, V = model.args.canvas_length, model.args.vocab_size
     prompt = list(tokenizer.encode(context(f.lines, f.start, tokenizer, context_tokens) + f.header))
@@ -258,9 +259,7 @@ def token_losses(model, tokenizer, f: Function, *, seed: int, context_tokens: in
     if not n:
         return {"causal": [], "left": [], "one": []}
     target = mx.array(body)
-
-    def ce(logits):  # [n, V] -> [n]
-        return (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, target[:, None], axis=-1)[:, 0]).tolist()
+    ce = lambda logits: cross_entropy(logits, target).tolist()  # noqa: E731  [n, V] -> n values
 
     cache = model.make_cache()
     causal = model.logits(model.encoder_pass(mx.array([prompt + body]), cache.layers, 0))[0, len(prompt) - 1 : -1]
@@ -275,9 +274,8 @@ def token_losses(model, tokenizer, f: Function, *, seed: int, context_tokens: in
     out = {"causal": ce(causal)}
     for name, canvas in (("left", left), ("one", one)):
         canvas = mx.array(canvas)
-        first = model.denoise(canvas, cache)
-        logits = model.denoise(canvas, cache, first)
-        out[name] = ce(logits[mx.array(rows), mx.array(rows)])
+        first = model.denoise(canvas, cache)  # every position: the self-conditioning signal
+        out[name] = ce(model.denoise(canvas, cache, first, positions=mx.array(rows)[:, None])[:, 0])  # row i: token i
     return out
 
 
