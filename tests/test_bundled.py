@@ -84,7 +84,8 @@ def test_pycode_adaptive_stop_ends_blocks_early_with_several_tokens_per_pass(pyc
     from dgemma_mlx.generate import stream_generate
 
     model, tok = pycode
-    runs = [events(stream_generate(model, tok, "import os\n\n\ndef main():\n", seed=seed, max_new_tokens=128))
+    prompt = 'def mean(xs):\n    """Return the arithmetic mean of xs."""\n'  # a header and docstring, as evaluate.py's
+    runs = [events(stream_generate(model, tok, prompt, seed=seed, max_new_tokens=128))
             for seed in range(4)]
     limit = runs[0]["pass"][0].max_steps
     commits = [c for run in runs for c in run["commit"]]
