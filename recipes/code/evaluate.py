@@ -259,7 +259,9 @@ def token_losses(model, tokenizer, f: Function, *, seed: int, context_tokens: in
     if not n:
         return {"causal": [], "left": [], "one": []}
     target = mx.array(body)
-    ce = lambda logits: cross_entropy(logits, target).tolist()  # noqa: E731  [n, V] -> n values
+
+    def ce(logits: mx.array) -> list[float]:  # [n, V] -> n values
+        return cross_entropy(logits, target).tolist()
 
     cache = model.make_cache()
     causal = model.logits(model.encoder_pass(mx.array([prompt + body]), cache.layers, 0))[0, len(prompt) - 1 : -1]
