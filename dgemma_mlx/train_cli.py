@@ -16,7 +16,7 @@ CONFIG_KEYS = {
     "grad_accumulation_steps", "learning_rate", "min_learning_rate", "warmup", "weight_decay",
     "max_seq_length", "seed", "steps_per_report", "steps_per_eval", "val_batches", "save_every",
     "resume_adapter_file", "grad_checkpoint", "test", "encoder_loss_weight", "noise_min", "noise_max",
-    "self_conditioning_p", "blocks_per_example", "lora_rank", "lora_alpha", "lora_dropout", "lora_scale", "lora_mode",
+    "self_conditioning_p", "blocks_per_example", "ordered_p", "lora_rank", "lora_alpha", "lora_dropout", "lora_scale", "lora_mode",
     "force", "compile", "stop_after",
 }
 
@@ -111,6 +111,7 @@ def train(
     noise_max: Optional[float] = typer.Option(None, "--noise-max", metavar="X", help="Highest corruption ratio t (default 1.0)."),
     self_conditioning_p: Optional[float] = typer.Option(None, "--self-conditioning-p", metavar="X", help="Share of examples trained with self-conditioning (default 0.5)."),
     blocks_per_example: Optional[int] = typer.Option(None, "--blocks-per-example", metavar="N", help="Response blocks denoised per example on one encoder pass: N times the denoiser's signal per step (default 1, the reference's)."),
+    ordered_p: Optional[float] = typer.Option(None, "--ordered-corruption", metavar="X", help="Share of canvases corrupted only right of a random cut, clean left of it: the states of a left-to-right run (default 0, the reference's iid corruption)."),
     lora_rank: Optional[int] = typer.Option(None, "--lora-rank", metavar="N", help="LoRA rank (default 16)."),
     lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", metavar="X", help="LoRA alpha; scale = alpha / rank (default 32)."),
     lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", metavar="X", help="LoRA dropout (default 0)."),

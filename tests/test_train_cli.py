@@ -143,6 +143,7 @@ def test_a_broken_resume_checkpoint_is_one_line(checkpoint, data, tmp_path, dama
     (["--self-conditioning-p", "2"], ["self-conditioning"]),
     (["--encoder-loss-weight", "-1"], ["--encoder-loss-weight"]),
     (["--blocks-per-example", "0"], ["--blocks-per-example"]),
+    (["--ordered-corruption", "1.5"], ["--ordered-corruption"]),
     (["--warmup", "10"], ["--warmup"]),
     (["--from-scratch", "--fine-tune-type", "lora"], ["--from-scratch"]),
 ])

@@ -192,3 +192,30 @@ def test_draws_for_k_blocks_per_example_are_example_major_and_k1_is_the_referenc
     one, default = sample_draws(mx.random.key(3), ids, rm, blocks_per_example=1, **kw), sample_draws(mx.random.key(3), ids, rm, **kw)
     for a, b in zip((one.block_index, one.canvas_ids, one.self_conditioning_mask), (default.block_index, default.canvas_ids, default.self_conditioning_mask)):
         assert np.array_equal(np.array(a), np.array(b))
+
+
+def test_ordered_corruption_leaves_a_clean_prefix_of_random_length_and_noises_from_the_cut():
+    rng = np.random.default_rng(2)
+    ids, am, rm = R.batch(rng, [70] * 64, [4] * 64, tiny.VOCAB_SIZE)
+    ids, rm = mx.array(ids, dtype=mx.int32), mx.array(rm)
+    kw = dict(canvas_length=C, vocab_size=tiny.VOCAB_SIZE, eos_id=EOS, t_range=(1.0, 1.0))
+    d = sample_draws(mx.random.key(5), ids, rm, ordered_p=1.0, **kw)
+    changed = np.array(d.canvas_ids) != np.array(d.targets)
+    cuts = changed.argmax(axis=1)
+    after = np.arange(C)[None] >= cuts[:, None]
+    assert changed.any(axis=1).all()
+    assert changed[after].mean() > 0.95  # t = 1: everything from the cut on is noise (bar chance hits)
+    assert len(set(cuts.tolist())) > 10 and cuts.max() > C // 2  # the cut is drawn, not fixed
+    iid = np.array(sample_draws(mx.random.key(5), ids, rm, **kw).canvas_ids) != np.array(d.targets)
+    assert iid.mean() > 0.95  # the same t without ordering corrupts the whole canvas
+
+
+def test_ordered_corruption_of_zero_is_the_reference_draw():
+    rng = np.random.default_rng(1)
+    ids, am, rm = R.batch(rng, [70, 20, 45], [4, 2, 9], tiny.VOCAB_SIZE)
+    ids, rm = mx.array(ids, dtype=mx.int32), mx.array(rm)
+    kw = dict(canvas_length=C, vocab_size=tiny.VOCAB_SIZE, eos_id=EOS)
+    zero, default = sample_draws(mx.random.key(3), ids, rm, ordered_p=0.0, **kw), sample_draws(mx.random.key(3), ids, rm, **kw)
+    assert np.array_equal(np.array(zero.canvas_ids), np.array(default.canvas_ids))
+    half = sample_draws(mx.random.key(3), ids, rm, ordered_p=0.5, **kw)
+    assert np.array_equal(np.array(half.targets), np.array(default.targets))

@@ -22,6 +22,11 @@ own block choice, corruption and coin, all reading the one encoder pass: the sam
 expectation as K examples, with K times the denoiser's training signal for one encoder pass
 (canvas rows are example-major: rows ``k*K ... k*K + K-1`` belong to example ``k``).
 
+``ordered_p`` (ours, 0 by default) is the share of canvases corrupted *in order*: a cut is drawn
+uniformly in ``0 .. C-1`` and the reference's corruption applies only from the cut onward, the tokens
+left of it staying clean. Those are the states a left-to-right denoising run passes through (a
+clean prefix, noise after it), which iid corruption almost never produces for long prefixes.
+
 :func:`block_diffusion_loss` is the deterministic core (the random draws are inputs);
 :func:`sample_draws` makes the draws.
 """
@@ -87,12 +92,15 @@ def sample_draws(
     t_range: tuple[float, float] = (EPS, 1.0),
     self_conditioning_p: float = 0.5,
     blocks_per_example: int = 1,
+    ordered_p: float = 0.0,
 ) -> Draws:
     """Block choice, corruption and self-conditioning coins for one batch.
 
     ``t_range`` bounds the per-example corruption ratio (default ``U(1e-3, 1)``, the reference's;
     a higher floor is a curriculum for from-scratch training). With ``blocks_per_example`` K the
-    draws are for ``B * K`` canvases, example-major (blocks drawn independently, with replacement)."""
+    draws are for ``B * K`` canvases, example-major (blocks drawn independently, with replacement).
+    ``ordered_p`` > 0 corrupts that share of canvases only from a random cut onward (module
+    docstring); at 0 the draws are the reference's, bit for bit."""
     if blocks_per_example > 1:
         input_ids = mx.repeat(input_ids, blocks_per_example, axis=0)
         response_mask = mx.repeat(response_mask, blocks_per_example, axis=0)
@@ -105,7 +113,13 @@ def sample_draws(
     targets, _ = canvas_targets(input_ids, response_mask, block_index, canvas_length, eos_id)
     lo, hi = t_range
     t = lo + (hi - lo) * mx.random.uniform(shape=(B, 1), key=k_t)
+    if ordered_p > 0:
+        k_pos, k_ordered, k_cut = mx.random.split(k_pos, 3)
     corrupt = mx.random.uniform(shape=(B, canvas_length), key=k_pos) < t
+    if ordered_p > 0:
+        ordered = mx.random.uniform(shape=(B, 1), key=k_ordered) < ordered_p
+        cut = mx.random.randint(0, canvas_length, (B, 1), key=k_cut)
+        corrupt = corrupt & (~ordered | (mx.arange(canvas_length)[None] >= cut))
     noise = mx.random.randint(0, vocab_size, (B, canvas_length), dtype=mx.int32, key=k_tok)
     canvas = mx.where(corrupt, noise, targets)
     sc = mx.random.uniform(shape=(B,), key=k_sc) < self_conditioning_p

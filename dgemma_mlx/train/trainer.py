@@ -56,6 +56,7 @@ class TrainingArgs:
     noise_max: float = 1.0
     self_conditioning_p: float = 0.5
     blocks_per_example: int = 1  # blocks denoised per example on one encoder pass (1: the reference's)
+    ordered_p: float = 0.0  # share of canvases corrupted only right of a random cut (0: the reference's)
     grad_checkpoint: bool = False
     compile: bool = True  # compile the step (with grad_accumulation_steps == 1)
     stop_after: Optional[int] = None  # end this run there with a resumable checkpoint (schedule: iters)
@@ -94,6 +95,8 @@ class TrainingArgs:
             raise DGemmaError("corruption ratios need 0 <= noise-min < noise-max <= 1")
         if not 0 <= self.self_conditioning_p <= 1:
             raise DGemmaError("self-conditioning probability must be in [0, 1]")
+        if not 0 <= self.ordered_p <= 1:
+            raise DGemmaError(f"--ordered-corruption must be in [0, 1] (got {self.ordered_p})")
         if self.warmup < 0 or self.warmup >= self.iters + 1:
             raise DGemmaError("--warmup must be between 0 and --iters")
 
@@ -164,15 +167,18 @@ class Trainer:
         self._compiled: dict = {}
 
     # ------------------------------------------------------------------------------ the step
-    def _draws(self, batch: Batch, key: mx.array, blocks_per_example: Optional[int] = None) -> tuple:
+    def _draws(self, batch: Batch, key: mx.array, reference: bool = False) -> tuple:
         """The step's inputs: ``(input_ids, attention_mask, response_mask, block_index, canvas_ids,
-        self_conditioning_mask)`` and the encoder length needed (see :func:`prefix_length`)."""
+        self_conditioning_mask)`` and the encoder length needed (see :func:`prefix_length`).
+        ``reference``: one block per example, iid corruption (evaluation's draws, whatever the
+        run's ``blocks_per_example`` and ``ordered_p``)."""
         m, a = self.model, self.args
         ids, rm = mx.array(batch.input_ids), mx.array(batch.response_mask)
         d = sample_draws(
             key, ids, rm, canvas_length=m.args.canvas_length, vocab_size=m.args.vocab_size,
             eos_id=self.eos_id, t_range=(a.noise_min, a.noise_max), self_conditioning_p=a.self_conditioning_p,
-            blocks_per_example=blocks_per_example or a.blocks_per_example,
+            blocks_per_example=1 if reference else a.blocks_per_example,
+            ordered_p=0.0 if reference else a.ordered_p,
         )
         inputs = (ids, mx.array(batch.attention_mask), rm, d.block_index, d.canvas_ids, d.self_conditioning_mask)
         K = d.canvas_ids.shape[0] // ids.shape[0]
@@ -186,8 +192,8 @@ class Trainer:
             prefix_length=prefix_length,
         )
 
-    def _loss(self, batch: Batch, key: mx.array, blocks_per_example: Optional[int] = None):
-        inputs, length = self._draws(batch, key, blocks_per_example)
+    def _loss(self, batch: Batch, key: mx.array, reference: bool = False):
+        inputs, length = self._draws(batch, key, reference)
         return self._objective(*inputs, prefix_length=length)
 
     @property
@@ -216,12 +222,13 @@ class Trainer:
 
     def evaluate(self, dataset: Dataset, limit: Optional[int]) -> tuple[float, float, float]:
         """Mean (loss, diffusion, encoder) over the first ``limit`` batches (all when ``limit`` is
-        None or negative), with fixed draws (one block per example, whatever ``blocks_per_example``)."""
+        None or negative), with fixed draws: the reference's (one block per example, iid corruption),
+        whatever ``blocks_per_example`` and ``ordered_p``."""
         self.model.eval()
         totals = np.zeros(3)
         batches = fixed_batches(dataset, self.args.batch_size, limit)
         for i, batch in enumerate(batches):
-            out = self._loss(batch, eval_key(self.args.seed, i), blocks_per_example=1)  # the reference's draws
+            out = self._loss(batch, eval_key(self.args.seed, i), reference=True)
             mx.eval(out)
             totals += [float(x) for x in out]
         self.model.train()
