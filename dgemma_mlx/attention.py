@@ -24,7 +24,8 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from .cache import FullAttentionCache, SlidingWindowCache
 from .config import SLIDING, ModelArgs
-from .ops import LOG2E, compute_streams, cpu_kernels, rms_norm_noscale, shifted_exp2, split_range
+from .ops import (LOG2E, compute_streams, cpu_kernels, host_exp2_rows, host_math_for, rms_norm_noscale, shifted_exp2,
+                  split_range)
 
 Part = tuple  # (keys [B, kv, K, D], values [B, kv, K, Dv], additive mask [L, K] / [B, 1, L, K] or None)
 
@@ -164,8 +165,12 @@ def _attend_cpu(q: mx.array, parts: list) -> mx.array:
     fold = q.dtype == mx.float32
     if fold:
         q = q * LOG2E
+    # Inside host math (inference passes) the softmax is one in-place host pass over every
+    # head's scores (:func:`~dgemma_mlx.ops.host_exp2_rows`), which spreads its rows over the
+    # cores itself, so the heads stay together.
+    host = fold and host_math_for(mx.float32, B * H * L * sum(k.shape[2] for k, _, _ in parts))
     outs = []
-    for (a, b), stream in zip(split_range(n_kv), compute_streams()):
+    for (a, b), stream in zip([(0, n_kv)] if host else split_range(n_kv), compute_streams()):
         with mx.stream(stream):
             qg = q[:, a * rep : b * rep].reshape(B, b - a, rep * L, D)
             scores, values = [], []
@@ -178,20 +183,24 @@ def _attend_cpu(q: mx.array, parts: list) -> mx.array:
                     s = (s.reshape(B, b - a, rep, L, -1) + m).reshape(s.shape)
                 scores.append(s)
                 values.append(v[:, a:b])
-            outs.append(_merge_softmax(scores, values).reshape(B, (b - a) * rep, L, -1))
+            outs.append(_merge_softmax(scores, values, host=host).reshape(B, (b - a) * rep, L, -1))
     return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
-def _merge_softmax(scores: list[mx.array], values: list[mx.array]) -> mx.array:
+def _merge_softmax(scores: list[mx.array], values: list[mx.array], host: bool = False) -> mx.array:
     """``softmax(concat(scores)) @ concat(values)`` from the parts, for scores in log2 units
-    (float32 softmax)."""
-    m = scores[0].max(axis=-1, keepdims=True)
-    for s in scores[1:]:
-        m = mx.maximum(m, s.max(axis=-1, keepdims=True))
+    (float32 softmax). ``host``: the scores are fresh float32 buffers, overwritten by the
+    exponentials on the host (inference only)."""
     dt = values[0].dtype
+    if host:
+        exps = host_exp2_rows(scores)
+    else:
+        m = scores[0].max(axis=-1, keepdims=True)
+        for s in scores[1:]:
+            m = mx.maximum(m, s.max(axis=-1, keepdims=True))
+        exps = [shifted_exp2(s, m) for s in scores]
     out = denom = None
-    for s, v in zip(scores, values):
-        e = shifted_exp2(s, m)
+    for e, v in zip(exps, values):
         part, total = e.astype(dt) @ v, e.sum(axis=-1, keepdims=True)
         out = part if out is None else out + part
         denom = total if denom is None else denom + total

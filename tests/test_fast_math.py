@@ -200,3 +200,56 @@ def test_the_samplers_per_position_host_pass_equals_its_steps_one_by_one():
         else:
             assert np.array_equal(w, g, equal_nan=True), name
     assert np.array_equal(np.array(logits), before)  # the logits are left alone
+
+
+def attention_inputs(seed: int, L: int = 64, prefix: int = 1200, heads: int = 4, kv: int = 2, D: int = 32):
+    """q [1, heads, L, D] and two parts: a cached prefix under a sliding-window-like mask and the
+    canvas's keys (heads * L * (prefix + L) = 323,584 scores)."""
+    k = mx.random.split(mx.random.key(seed), 5)
+    q = mx.random.normal((1, heads, L, D), key=k[0])
+    pk, pv = mx.random.normal((1, kv, prefix, D), key=k[1]), mx.random.normal((1, kv, prefix, D), key=k[2])
+    ck, cv = mx.random.normal((1, kv, L, D), key=k[3]), mx.random.normal((1, kv, L, D), key=k[4])
+    mask = mx.where(mx.arange(prefix)[None] < 200 + mx.arange(L)[:, None], -mx.inf, 0.0)  # [L, prefix]
+    mx.eval(q, pk, pv, ck, cv, mask)
+    return q, [(pk, pv, mask), (ck, cv, None)]
+
+
+def test_attention_softmax_on_the_host_is_the_mlx_kernels_value_bit_for_bit(monkeypatch):
+    # With host math the MLX kernels already take their exponentials from NumPy; the one host
+    # pass (maximum, shift, exponential in place) must not change a bit of the output.
+    from dgemma_mlx import attention
+
+    monkeypatch.setattr(ops, "HOST_MATH_MIN_SIZE", 1)  # every exponential of the MLX kernels on the host too
+    q, parts = attention_inputs(7)
+    plain = np.array(attention.attend(q, parts))
+    calls = []
+    real = attention.host_exp2_rows
+    monkeypatch.setattr(attention, "host_exp2_rows", lambda s: calls.append(len(s)) or real(s))
+    with ops.host_math():
+        got = np.array(attention.attend(q, parts))
+        assert calls == [2]  # one pass over both parts, every head at once
+        monkeypatch.setattr(attention, "host_math_for", lambda *a: False)
+        want = np.array(attention.attend(q, parts))
+    assert np.array_equal(got, want)
+    assert np.abs(got - plain).max() < 1e-5  # the polynomial exp2 of the MLX kernels differs in rounding
+
+
+def test_attention_on_the_host_leaves_queries_keys_values_and_masks_alone(monkeypatch):
+    from dgemma_mlx import attention
+
+    monkeypatch.setattr(ops, "HOST_MATH_MIN_SIZE", 100_000)
+    q, parts = attention_inputs(8)
+    before = [np.array(a) for a in (q, *[x for p in parts for x in p if x is not None])]
+    with ops.host_math():
+        mx.eval(attention.attend(q, parts))
+    after = [np.array(a) for a in (q, *[x for p in parts for x in p if x is not None])]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_host_exponentials_replace_an_input_they_cannot_write_and_leave_it_alone():
+    s = large(9).reshape(1200, 1000).T  # a transposed view: not contiguous
+    before = np.array(s)
+    (e,) = ops.host_exp2_rows([s])
+    assert np.array_equal(np.array(s), before)
+    want = np.exp2(before - before.max(axis=-1, keepdims=True))
+    assert np.array_equal(np.array(e), want)
