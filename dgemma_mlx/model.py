@@ -29,7 +29,7 @@ from .cache import FullAttentionCache, PrefixCache, SlidingWindowCache
 from .config import FULL, ModelArgs
 from .experts import Experts
 from .attention import Attention
-from .ops import gelu_mul, rms_norm_noscale, rows_in_parallel, softcap, softmax
+from .ops import gelu_mul, host_math, rms_norm_noscale, rows_in_parallel, softcap, softmax
 from .vision import MultimodalEmbedder, VisionTower, sanitize_vision_key
 
 
@@ -240,6 +240,10 @@ class Model(nn.Module):
         embeddings of the N image tokens (``args.image_token_id``) of ``ids`` (batch 1), in order;
         each run of image tokens (one image) attends to itself bidirectionally, and a chunk never
         splits a run.
+
+        Each chunk is evaluated before the next, so this is for inference: with the CPU kernels
+        its attention softmax runs on the host (:func:`~dgemma_mlx.ops.host_math`). Training
+        drives :meth:`encoder_pass` itself.
         """
         if ids.ndim == 1:
             ids = ids[None]
@@ -247,16 +251,14 @@ class Model(nn.Module):
         if image_features is not None:
             from .multimodal import encode_chunks
 
-            for chunk, images in encode_chunks(self, ids, image_features, step):
+            chunks = encode_chunks(self, ids, image_features, step)
+        else:
+            chunks = ((ids[:, start : start + step], None) for start in range(0, ids.shape[1], step))
+        for chunk, images in chunks:
+            with host_math():
                 self.encoder_pass(chunk, cache.layers, cache.offset, images)
                 cache.advance(chunk.shape[1])
                 mx.eval(cache.arrays())
-            return
-        for start in range(0, ids.shape[1], step):
-            chunk = ids[:, start : start + step]
-            self.encoder_pass(chunk, cache.layers, cache.offset)
-            cache.advance(chunk.shape[1])
-            mx.eval(cache.arrays())
 
     def encoder_pass(self, ids: mx.array, layer_caches: list, offset: int, images=None) -> mx.array:
         """One causal pass of ``ids`` (int [B, L]) at positions ``offset...``, appending to each of

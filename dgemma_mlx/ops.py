@@ -8,8 +8,8 @@ compiled polynomials (:func:`tanh`, :func:`exp2`, :func:`gelu_mul`). Other eleme
 plain on the CPU (:func:`fused` compiles them for the GPU only): measured here, compiled exp(s - m)
 over 35M scores took 703 ms against 577 ms plain.
 
-Inference passes go further (:func:`host_math`): the vocabulary-sized soft cap, softmax and
-exponentials run in NumPy's SIMD loops on the arrays' own memory.
+Inference (:func:`host_math`) goes further: the vocabulary-sized soft cap, softmax and
+exponentials and the attention softmax run in NumPy's SIMD loops on the arrays' own memory.
 """
 
 from __future__ import annotations

@@ -115,6 +115,26 @@ def test_cache_contents_match_reference_cache(reference_model, model, rng):
         np.testing.assert_allclose(np.array(v), theirs.values.numpy(), atol=TOL, err_msg=f"layer {i} values")
 
 
+def test_encoding_with_the_attention_softmax_on_the_host_fills_the_reference_cache(reference_model, model, rng,
+                                                                                  kernels, monkeypatch):
+    # Model.encode is inference only, so with the CPU kernels it runs under host math: here every
+    # attention softmax of the tiny model takes the host pass, over a prompt longer than a window.
+    from dgemma_mlx import attention, ops
+
+    monkeypatch.setattr(ops, "HOST_MATH_MIN_SIZE", 1)
+    calls = []
+    real = attention.host_exp2_rows
+    monkeypatch.setattr(attention, "host_exp2_rows", lambda s: calls.append(1) or real(s))
+    blocks = [rng.integers(0, model.args.vocab_size, 2 * model.args.sliding_window + 3).tolist()]
+    ref_cache = ref_encode(reference_model, blocks)
+    cache = our_encode(model, blocks, chunk_size=7)
+    assert bool(calls) == (kernels == "cpu")
+    for i, (ours, theirs) in enumerate(zip(cache.layers, ref_cache.layers)):
+        k, v = ours.prefix()
+        np.testing.assert_allclose(np.array(k), theirs.keys.numpy(), atol=TOL, err_msg=f"layer {i} keys")
+        np.testing.assert_allclose(np.array(v), theirs.values.numpy(), atol=TOL, err_msg=f"layer {i} values")
+
+
 def test_sliding_layers_keep_window_minus_one_tokens_and_full_layers_keep_all(model, rng):
     window = model.args.sliding_window
     cache = our_encode(model, [rng.integers(0, model.args.vocab_size, 7 * window).tolist()])
