@@ -340,7 +340,7 @@ def table(result: dict, names: list[str]) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         ref = {r["givens"]: r for r in result["sudoku"].get("reference", [])}
         for n in names:
-            for r in result["sudoku"][n]:
+            for r in result["sudoku"].get(n, []):  # short-canvas runs no Sudoku
                 b = ref.get(r["givens"])
                 vs = verdict(r["exact_solve_rate"], r["stderr"], b["exact_solve_rate"], b["stderr"]) if b and n != "reference" else ""
                 lines.append(f"| {n} | {r['givens']} | {r['exact_solve_rate']:.1%} ± {r['stderr']:.1%} | {vs} | "
@@ -357,18 +357,23 @@ def table(result: dict, names: list[str]) -> str:
             lines.append(f"| {n} | {c['token_accuracy']:.1%} ± {c['stderr']:.1%} | {vs} | {c['line_exact']:.1%} | "
                          f"{c['mean_passes']:.1f} | {c['ms_per_answer']:.0f} |")
     if any("infill" in c or "completion" in c for c in result["code"].values()):
-        lines += ["", "| config | infill exact | vs reference | infill passes | parse | passes/block | tok/pass | ms/block |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| config | infill exact | vs reference | infill passes | parse | vs reference | passes/block | "
+                  "tok/pass | ms/block |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         ref = result["code"].get("reference", {}).get("infill")
+        ref_m = result["code"].get("reference", {}).get("completion")
         for n in names:
             c = result["code"].get(n, {})
             i, m = c.get("infill", {}), c.get("completion", {})
             if not (i or m):
                 continue
             vs = verdict(i["exact_match"], i["stderr"], ref["exact_match"], ref["stderr"]) if i and ref and n != "reference" else ""
+            vs_m = (verdict(m["parse_rate"], m["stderr"], ref_m["parse_rate"], ref_m["stderr"])
+                    if m and ref_m and n != "reference" else "")
+            parse = f"{m['parse_rate']:.0%} ± {m['stderr']:.0%}" if m else "nan"
             lines.append(
                 f"| {n} | {i.get('exact_match', float('nan')):.1%} | {vs} | {i.get('mean_passes', float('nan')):.1f} | "
-                f"{m.get('parse_rate', float('nan')):.0%} | {m.get('passes_per_block', float('nan')):.1f} | "
+                f"{parse} | {vs_m} | {m.get('passes_per_block', float('nan')):.1f} | "
                 f"{m.get('tokens_per_pass', float('nan')):.2f} | {m.get('ms_per_block', float('nan')):.0f} |")
     if result.get("speed"):
         rows = result["speed"]["rows"]

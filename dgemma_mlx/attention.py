@@ -29,6 +29,10 @@ from .ops import (LOG2E, compute_streams, cpu_kernels, host_exp2_rows, host_math
 
 Part = tuple  # (keys [B, kv, K, D], values [B, kv, K, Dv], additive mask [L, K] / [B, 1, L, K] or None)
 
+HOST_SOFTMAX = True
+"""Inside host math, the CPU path's softmax is one host pass (:func:`~dgemma_mlx.ops.host_exp2_rows`);
+False keeps MLX's ops there (``benchmarks/host_attention.py`` times both)."""
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
@@ -168,7 +172,7 @@ def _attend_cpu(q: mx.array, parts: list) -> mx.array:
     # Inside host math (inference passes) the softmax is one in-place host pass over every
     # head's scores (:func:`~dgemma_mlx.ops.host_exp2_rows`), which spreads its rows over the
     # cores itself, so the heads stay together.
-    host = fold and host_math_for(mx.float32, B * H * L * sum(k.shape[2] for k, _, _ in parts))
+    host = HOST_SOFTMAX and fold and host_math_for(mx.float32, B * H * L * sum(k.shape[2] for k, _, _ in parts))
     outs = []
     for (a, b), stream in zip([(0, n_kv)] if host else split_range(n_kv), compute_streams()):
         with mx.stream(stream):
