@@ -35,3 +35,13 @@ def _json_default(o):
 def short_error(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0] if msg else ''}"[:500]
+
+
+def names_from(csv: str, known, what: str) -> list[str]:
+    """The comma-separated names of ``csv``, each one of ``known``; exits with a one-line error
+    naming the first unknown one (``what``: "shape", "configuration")."""
+    names = [n.strip() for n in csv.split(",") if n.strip()]
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        sys.exit(f"error: unknown {what} '{bad[0] if bad else csv}' (choose from {', '.join(known)})")
+    return names

@@ -39,7 +39,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fast_sampling import SPEED_SHAPE, random_config, random_model  # noqa: E402  (modules of benchmarks/)
+from common import names_from  # noqa: E402  (modules of benchmarks/)
+from fast_sampling import SPEED_SHAPE, random_config, random_model  # noqa: E402
 from probe import loadavg, machine_info, maybe_reexec_with_openblas  # noqa: E402
 
 SHAPES = {
@@ -116,10 +117,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-preload", action="store_true", help="do not re-run with OpenBLAS preloaded (Linux)")
     a = p.parse_args()
-    shapes = [s.strip() for s in a.shapes.split(",") if s.strip()]
-    unknown = [s for s in shapes if s not in SHAPES]
-    if unknown or not shapes:
-        sys.exit(f"error: unknown shape(s) {', '.join(unknown) or '(none)'} (choose from {', '.join(SHAPES)})")
+    shapes = names_from(a.shapes, SHAPES, "shape")
     if a.passes < 4 or a.repeats < 1:
         sys.exit("error: --passes must be at least 4 and --repeats at least 1")
     maybe_reexec_with_openblas(a, lambda message: print(message, file=sys.stderr))

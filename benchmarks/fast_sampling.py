@@ -287,10 +287,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/fast-sampling-<time>.json)")
     p.add_argument("--no-preload", action="store_true", help="do not re-run with OpenBLAS preloaded (Linux)")
     a = p.parse_args()
-    names = [c.strip() for c in a.configs.split(",") if c.strip()]
-    bad = [c for c in names if c not in CONFIGS]
-    if bad or not names:
-        sys.exit(f"error: unknown configuration '{bad[0] if bad else a.configs}' (choose from {', '.join(CONFIGS)})")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import names_from
+
+    names = names_from(a.configs, CONFIGS, "configuration")
     try:
         pinned = tuple(float(f) for f in a.speed_pinned.split(",") if f.strip())
     except ValueError:
@@ -298,7 +298,6 @@ def main() -> None:
     if not pinned or any(not 0 <= f < 1 for f in pinned):
         sys.exit(f"error: --speed-pinned takes fractions in [0, 1), e.g. 0,0.75 (got '{a.speed_pinned}')")
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from probe import maybe_reexec_with_openblas
 
     maybe_reexec_with_openblas(a, lambda message: print(message, file=sys.stderr))

@@ -40,7 +40,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fast_sampling import random_config  # noqa: E402  (modules of benchmarks/)
+from common import names_from  # noqa: E402  (modules of benchmarks/)
+from fast_sampling import random_config  # noqa: E402
 from probe import loadavg, machine_info, maybe_reexec_with_openblas  # noqa: E402
 
 COMMON = dict(vocab_size=32768, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
@@ -121,10 +122,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-preload", action="store_true", help="do not re-run with OpenBLAS preloaded (Linux)")
     a = p.parse_args()
-    shapes = [s.strip() for s in a.shapes.split(",") if s.strip()]
-    unknown = [s for s in shapes if s not in SHAPES]
-    if unknown or not shapes:
-        sys.exit(f"error: unknown shape(s) {', '.join(unknown) or '(none)'} (choose from {', '.join(SHAPES)})")
+    shapes = names_from(a.shapes, SHAPES, "shape")
     try:
         prefixes = [int(v) for v in a.prefixes.split(",") if v.strip()]
     except ValueError:
