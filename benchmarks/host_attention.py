@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The CPU attention's softmax on the host against MLX's ops, side by side in one run.
 
-    python benchmarks/host_attention.py                       # both shapes, prefixes 256 and 4096, ~4 min quiet
+    python benchmarks/host_attention.py                       # both shapes, prefixes 256 and 4096, ~3 min quiet
     python benchmarks/host_attention.py --shapes hidden --prefixes 4096 --repeats 5
 
 Inside host math (every inference pass and, with the CPU kernels, encoding) the attention's softmax
