@@ -24,6 +24,12 @@ Per prefix the two configurations alternate (a warm-up round first, then ``--rep
 * ``step_ms``: a whole denoising pass with self-conditioning (``Model.denoise`` under host math);
 * ``encode_s``: encoding the prefix (``Model.encode``, chunks of 512).
 
+Then the sampler (``--sampler-std``): its per-position host pass over [256, 32768] logits of
+each standard deviation (clipped at the soft cap, ±30) at temperature 0.4, with the host
+exponentials as they are (``ops.host_exp2_block``: 0 below 2**-126) and as plain ``np.exp2``
+(subnormal results included), alternating, median of 5. Wide logits put many results under
+2**-126, where NumPy's exp2 leaves its fast path.
+
 JSON in ``benchmarks/results/host-attention-<time>.json``.
 """
 
@@ -113,11 +119,48 @@ def measure(shape: str, prefixes: list[int], repeats: int, seed: int) -> dict:
     return out
 
 
+def measure_sampler(stds: list[float], seed: int) -> list[dict]:
+    import mlx.core as mx
+    import numpy as np
+
+    from dgemma_mlx import ops, sampler
+
+    rows = []
+    t, u = mx.array(0.4, mx.float32), sampler._uniforms((256,), mx.random.key(seed))
+    plain = lambda xs, out: np.exp2(xs, out=out)  # noqa: E731
+    for std in stds:
+        logits = mx.clip(mx.random.normal((256, 32768), key=mx.random.key(seed + 1)) * std, -30.0, 30.0)
+        mx.eval(logits)
+
+        def run():
+            with ops.host_math():
+                mx.eval(*sampler._per_position(logits, t, u))
+
+        runs = {"host_exp2_block": [], "np.exp2": []}
+        for repeat in range(6):  # alternating; the first round warms up
+            for name, fn in (("host_exp2_block", ops.host_exp2_block), ("np.exp2", plain)):
+                real = sampler.host_exp2_block
+                sampler.host_exp2_block = fn
+                try:
+                    ms = 1000 * timed(run)
+                finally:
+                    sampler.host_exp2_block = real
+                if repeat:
+                    runs[name].append(ms)
+        row = {"logit_std": std, **{name: statistics.median(v) for name, v in runs.items()}, "runs": runs}
+        row["ratio"] = row["host_exp2_block"] / row["np.exp2"]
+        print(f"sampler, logit std {std}: {row['host_exp2_block']:.1f} ms against {row['np.exp2']:.1f} ms",
+              file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     p.add_argument("--prefixes", default="256,4096", help="cached prefix lengths (comma-separated)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sampler-std", default="1,3,8", help="logit standard deviations for the sampler timing ('' skips it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-preload", action="store_true", help="do not re-run with OpenBLAS preloaded (Linux)")
@@ -125,14 +168,16 @@ def main() -> None:
     shapes = names_from(a.shapes, SHAPES, "shape")
     try:
         prefixes = [int(v) for v in a.prefixes.split(",") if v.strip()]
+        stds = [float(v) for v in a.sampler_std.split(",") if v.strip()]
     except ValueError:
-        sys.exit(f"error: --prefixes takes comma-separated integers, not '{a.prefixes}'")
+        sys.exit("error: --prefixes takes comma-separated integers and --sampler-std numbers")
     if not prefixes or min(prefixes) < 1 or a.repeats < 1:
         sys.exit("error: --prefixes must be positive and --repeats at least 1")
     maybe_reexec_with_openblas(a, lambda message: print(message, file=sys.stderr))
     result = {"benchmark": "host_attention", "time": datetime.now().isoformat(timespec="seconds"),
               "machine": machine_info(a), "load_before": loadavg(),
-              "shapes": [measure(s, prefixes, a.repeats, a.seed) for s in shapes], "load_after": loadavg()}
+              "shapes": [measure(s, prefixes, a.repeats, a.seed) for s in shapes],
+              "sampler": measure_sampler(stds, a.seed), "load_after": loadavg()}
     out = a.out or HERE / "results" / f"host-attention-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -144,6 +189,9 @@ def main() -> None:
             print(f"{s['shape']:7} {prefix:>6} {h['attention_ms']:8.1f} / {m['attention_ms']:6.1f} ({r['attention_ms']:.2f}x) "
                   f"{h['step_ms']:6.0f} / {m['step_ms']:5.0f} ({r['step_ms']:.2f}x) "
                   f"{h['encode_s']:6.2f} / {m['encode_s']:5.2f} ({r['encode_s']:.2f}x)")
+    for r in result["sampler"]:
+        print(f"sampler per-position pass [256, 32768], T 0.4, logit std {r['logit_std']:g}: "
+              f"{r['host_exp2_block']:.1f} ms against plain np.exp2 {r['np.exp2']:.1f} ms ({r['ratio']:.2f}x)")
     print(f"JSON: {out}")
 
 

@@ -34,7 +34,8 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .ops import LOG2E, compute_streams, exp2, fused, host_map, host_math_applies, host_rows, split_range
+from .ops import (LOG2E, compute_streams, exp2, fused, host_exp2_block, host_map, host_math_applies, host_rows,
+                  split_range)
 
 # Inverse-CDF sampling works on blocks of this many vocabulary entries (see `sample_tokens`).
 SAMPLE_BLOCK = 512
@@ -75,7 +76,7 @@ def _host_exp_terms(scaled: np.ndarray, row_max: np.ndarray, e: np.ndarray, ez: 
     with np.errstate(all="ignore"):
         np.subtract(scaled, row_max, out=ez)  # z
         np.multiply(ez, np.float32(LOG2E), out=e)
-        np.exp2(e, out=e)
+        host_exp2_block(e, e)  # 0 below 2**-126, as the polynomial
         np.maximum(ez, np.float32(_F32_MIN), out=ez)
         ez *= e
 

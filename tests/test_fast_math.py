@@ -267,3 +267,18 @@ def test_host_exponentials_are_zero_below_the_normal_range_as_the_polynomials_ar
         assert not ((values > 0) & (values < 2.0**-126)).any()
         assert np.array_equal(values == 0, want == 0)
         assert np.abs(values - want).max() <= 3e-7 * 2.0**-120
+
+
+def test_sampler_exponentials_on_the_host_are_zero_where_the_polynomials_are_for_wide_logits():
+    # Scaled logits spanning ~290 log2 units (a soft cap of 30 at temperature 0.3): many
+    # exponentials fall under 2**-126, where the host path gives 0 as the MLX path does.
+    from dgemma_mlx import sampler
+
+    s = mx.clip(large(10, scale=30.0), -30.0, 30.0) / 0.3
+    m = s.max(-1, keepdims=True)
+    e1, ez1 = (np.array(a) for a in sampler._exp_terms(s, m))
+    with ops.host_math():
+        e2, ez2 = (np.array(a) for a in sampler._exp_terms(s, m))
+    assert (e1 == 0).mean() > 0.1
+    assert np.array_equal(e1 == 0, e2 == 0) and not ((e2 > 0) & (e2 < 2.0**-126)).any()
+    assert np.abs(e1 - e2).max() < 1e-6 and np.abs(ez1 - ez2).max() < 1e-5
