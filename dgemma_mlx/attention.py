@@ -11,7 +11,9 @@ new tokens), each with an optional additive mask. Two implementations, chosen by
 * ``cpu`` (MLX's CPU backend), where each op runs on one core and concatenating the prefix costs a
   copy of it: one softmax merged across the parts without concatenating them, scores in log2
   units so the exponentials are powers of 2 (twice as fast as ``exp`` there), and the kv-head groups
-  spread over two streams (:func:`~dgemma_mlx.ops.compute_streams`).
+  spread over two streams (:func:`~dgemma_mlx.ops.compute_streams`). Inside host math (inference)
+  the softmax is instead one in-place NumPy pass over every head's scores
+  (:func:`~dgemma_mlx.ops.host_exp2_rows`; :data:`HOST_SOFTMAX`).
 """
 
 from __future__ import annotations
